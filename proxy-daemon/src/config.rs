@@ -1,0 +1,101 @@
+//! Command line and environment (every flag has an env fallback).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+
+use crate::auth::Secret;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SpliceMode {
+    /// Use the in-kernel eBPF fast path where it helps; fall back to userspace (one log line) when it cannot load.
+    Auto,
+    /// Require the in-kernel eBPF fast path; exit at start-up if it cannot load.
+    Ebpf,
+    /// Relay tunnels in userspace only.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text when stderr is a terminal, JSON otherwise (services).
+    Auto,
+    Json,
+    Text,
+}
+
+/// Machine-side ingress port router.
+///
+/// Terminates HTTP on the listen address and routes each request to
+/// `localhost:<port>`, the port named by the `X-Iterate-Proxy-Target-Host` header
+/// (`<port>__<host>`, `localhost:<port>`, `127.0.0.1:<port>`, or a bare hostname for
+/// port 3000). Upgraded connections (WebSocket and any other `Upgrade:` protocol) become
+/// raw byte tunnels, spliced in the kernel by an eBPF SOCKMAP program where that helps.
+///
+/// Secret auth: when the environment variable PROJECT_INGRESS_PROXY_SECRET (or
+/// --secret-file) is set, every request except `/health` must carry the same value in
+/// `X-Iterate-Project-Ingress-Secret`. The secret is never logged.
+///
+/// Log verbosity follows RUST_LOG (default `info`).
+#[derive(Debug, Parser)]
+#[command(name = "project-ingress-proxy", version, about, long_about)]
+pub struct Args {
+    /// Address and port to listen on.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Data path for tunnels: auto, ebpf (required, fail at start-up without it) or off (userspace).
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
+    pub splice: SpliceMode,
+
+    /// Read the ingress secret from this file (surrounding whitespace trimmed) instead of
+    /// the PROJECT_INGRESS_PROXY_SECRET environment variable.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM/SIGINT: stop accepting, then give in-flight requests and tunnels this
+    /// long to finish before closing them and exiting.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Largest request head (request line + headers) accepted; larger gets 431.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    pub max_header_bytes: u32,
+
+    /// Time a client has to send a complete request head (slowloris guard); also the
+    /// idle time after which a keep-alive client connection is closed.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Time allowed to connect to the upstream port; beyond it the client gets 502.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// How long an idle pooled upstream connection is kept.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Most idle pooled connections kept per upstream port.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_MAX_IDLE", default_value_t = 64)]
+    pub upstream_max_idle_per_port: usize,
+}
+
+impl Args {
+    /// The secret from `--secret-file` or PROJECT_INGRESS_PROXY_SECRET; empty means off.
+    pub fn secret(&self) -> anyhow::Result<Option<Secret>> {
+        let raw = match &self.secret_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading secret file {}", path.display()))?,
+            None => std::env::var("PROJECT_INGRESS_PROXY_SECRET").unwrap_or_default(),
+        };
+        let trimmed = raw.trim();
+        Ok((!trimmed.is_empty()).then(|| Secret::new(trimmed.as_bytes())))
+    }
+}

@@ -1,0 +1,162 @@
+//! The `X-Iterate-Proxy-Target-Host` grammar (SPEC §2): which local port a request goes to.
+
+use http::HeaderMap;
+
+pub const TARGET_HEADER: &str = "x-iterate-proxy-target-host";
+
+/// Port used for a bare hostname (`mach_123.iterate.town`).
+pub const DEFAULT_PORT: u16 = 3000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    #[error("missing_proxy_target_host")]
+    Missing,
+    #[error("invalid_proxy_target_host")]
+    Invalid,
+}
+
+impl TargetError {
+    /// The `error` code of the JSON body sent to the client.
+    pub fn code(self) -> &'static str {
+        match self {
+            TargetError::Missing => "missing_proxy_target_host",
+            TargetError::Invalid => "invalid_proxy_target_host",
+        }
+    }
+}
+
+/// Reads the target port from the request headers. The header may appear once only.
+pub fn target_port(headers: &HeaderMap) -> Result<u16, TargetError> {
+    let mut values = headers.get_all(TARGET_HEADER).iter();
+    let Some(value) = values.next() else {
+        return Err(TargetError::Missing);
+    };
+    if values.next().is_some() {
+        return Err(TargetError::Invalid);
+    }
+    // Header values may carry obs-text bytes; none of them can form a valid target.
+    let value = std::str::from_utf8(value.as_bytes()).map_err(|_| TargetError::Invalid)?;
+    parse_target(value)
+}
+
+/// Parses one header value (SPEC §2 grammar).
+pub fn parse_target(raw: &str) -> Result<u16, TargetError> {
+    let value = raw.trim();
+    if value.is_empty() {
+        return Err(TargetError::Missing);
+    }
+    // `<port>__<rest>`: only when `__` starts after the first character.
+    if let Some(at) = value.get(1..).and_then(|tail| tail.find("__")).map(|i| i + 1) {
+        let (port, rest) = (&value[..at], &value[at + 2..]);
+        if rest.is_empty() {
+            return Err(TargetError::Invalid);
+        }
+        return parse_port(port).ok_or(TargetError::Invalid);
+    }
+    if let Some((host, port)) = value.split_once(':') {
+        let local = host.eq_ignore_ascii_case("localhost") || host == "127.0.0.1";
+        if !local {
+            return Err(TargetError::Invalid);
+        }
+        return parse_port(port).ok_or(TargetError::Invalid);
+    }
+    Ok(DEFAULT_PORT)
+}
+
+/// Decimal digits only, leading zeros allowed, value 1..=65535.
+fn parse_port(digits: &str) -> Option<u16> {
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let significant = digits.trim_start_matches('0');
+    if significant.len() > 5 {
+        return None;
+    }
+    match significant.parse::<u32>() {
+        Ok(port @ 1..=65535) => Some(port as u16),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use TargetError::*;
+
+    #[test]
+    fn grammar_table() {
+        let cases: &[(&str, Result<u16, TargetError>)] = &[
+            // <port>__<rest>
+            ("4096__mach_123.iterate.town", Ok(4096)),
+            ("4096__misha.iterate.town", Ok(4096)),
+            ("4096__mach_123.p.os.iterate.com", Ok(4096)),
+            ("1__x", Ok(1)),
+            ("65535__x", Ok(65535)),
+            ("0080__x", Ok(80)),
+            ("000000000000000080__x", Ok(80)),
+            ("80__x__y", Ok(80)),
+            ("80___x", Ok(80)),
+            ("  4096__mach.iterate.town\t", Ok(4096)),
+            ("abc__x", Err(Invalid)),
+            ("70000__x", Err(Invalid)),
+            ("65536__x", Err(Invalid)),
+            ("0__x", Err(Invalid)),
+            ("000__x", Err(Invalid)),
+            ("80__", Err(Invalid)),
+            ("-80__x", Err(Invalid)),
+            ("+80__x", Err(Invalid)),
+            ("8 0__x", Err(Invalid)),
+            ("99999999999999999999__x", Err(Invalid)),
+            ("localhost:80__x", Err(Invalid)),
+            // `__` at the very start is not the port form: a bare name → 3000
+            ("__x", Ok(3000)),
+            // <host>:<port>
+            ("localhost:8080", Ok(8080)),
+            ("LOCALHOST:8080", Ok(8080)),
+            ("LocalHost:1", Ok(1)),
+            ("127.0.0.1:5173", Ok(5173)),
+            ("127.0.0.1:00443", Ok(443)),
+            (" localhost:3001 ", Ok(3001)),
+            ("localhost:", Err(Invalid)),
+            ("localhost:0", Err(Invalid)),
+            ("localhost:65536", Err(Invalid)),
+            ("localhost:80:81", Err(Invalid)),
+            ("localhost:http", Err(Invalid)),
+            ("localhost: 80", Err(Invalid)),
+            ("example.com:80", Err(Invalid)),
+            ("[::1]:80", Err(Invalid)),
+            ("127.0.0.2:80", Err(Invalid)),
+            ("localhost.evil.com:80", Err(Invalid)),
+            ("evil.com:80", Err(Invalid)),
+            (":80", Err(Invalid)),
+            // anything else without a colon → 3000
+            ("mach_123.iterate.town", Ok(3000)),
+            ("opencode.example.com", Ok(3000)),
+            ("misha.iterate.town", Ok(3000)),
+            ("localhost", Ok(3000)),
+            ("x", Ok(3000)),
+            ("_", Ok(3000)),
+            // blank → missing
+            ("", Err(Missing)),
+            ("   ", Err(Missing)),
+            ("\t", Err(Missing)),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(parse_target(input), *expected, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn header_presence() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(target_port(&headers), Err(Missing));
+        headers.insert("X-Iterate-Proxy-Target-Host", HeaderValue::from_static("4096__m"));
+        assert_eq!(target_port(&headers), Ok(4096));
+        headers.append(TARGET_HEADER, HeaderValue::from_static("4096__m"));
+        assert_eq!(target_port(&headers), Err(Invalid), "sent twice");
+        let mut headers = HeaderMap::new();
+        headers.insert(TARGET_HEADER, HeaderValue::from_bytes(b"80__\xff").unwrap());
+        assert_eq!(target_port(&headers), Err(Invalid), "obs-text");
+    }
+}

@@ -1,0 +1,38 @@
+//! Userspace relay: read into a buffer, write it out, per direction.
+//! The buffer exists only while a burst is being moved, so idle tunnels cost no buffer.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::TcpStream;
+
+use super::{socket, RelayEnd, TunnelCounters};
+
+const BUFFER: usize = 64 * 1024;
+
+pub async fn relay(client: &TcpStream, upstream: &TcpStream, counters: &TunnelCounters) -> RelayEnd {
+    let up = one_way(client, upstream, &counters.client_to_upstream);
+    let down = one_way(upstream, client, &counters.upstream_to_client);
+    match tokio::try_join!(up, down) {
+        Ok(_) => RelayEnd::Closed,
+        Err(e) => RelayEnd::Reset(e.kind()),
+    }
+}
+
+async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buf = vec![0u8; BUFFER];
+        loop {
+            match from.try_read(&mut buf) {
+                Ok(0) => return socket::shutdown_write(to),
+                Ok(n) => {
+                    socket::write_all(to, &buf[..n]).await?;
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
