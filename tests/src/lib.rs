@@ -1,1 +1,47 @@
+//! Test harness: network namespaces joined by veth, the real daemon binary, upstream apps
+//! on the machine's loopback, and clients that check every byte.
 
+pub mod client;
+pub mod daemon;
+pub mod netns;
+pub mod pattern;
+pub mod upstream;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::Result;
+
+pub use daemon::Daemon;
+pub use netns::Topology;
+
+/// 127.0.0.1:port in `ns`, for an upstream app.
+pub fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// [::1]:port in `ns`, for an upstream app that binds IPv6 loopback only.
+pub fn v6(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv6Addr::LOCALHOST, port))
+}
+
+/// A topology with the daemon running in it.
+pub struct Setup {
+    pub daemon: Daemon,
+    pub topo: Topology,
+}
+
+impl Setup {
+    pub async fn new(args: &[&str]) -> Result<Setup> {
+        Self::with_env(args, &[]).await
+    }
+
+    pub async fn with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Setup> {
+        let topo = Topology::new()?;
+        let daemon = Daemon::start(&topo, args, env).await?;
+        Ok(Setup { daemon, topo })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.daemon.addr
+    }
+}

@@ -1,0 +1,135 @@
+//! Loads the embedded eBPF object once at start-up and owns its maps.
+
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+use anyhow::{bail, Context};
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::{Direction, DIRECTIONS_MAP, SOCKS_MAP, WRITE_SEQ_OFFSET_GLOBAL};
+use tokio::io::unix::AsyncFd;
+
+use super::btf;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+
+/// Default per-direction budget: bytes redirected but not yet in the peer's TCP stream.
+pub const DEFAULT_BUDGET: u32 = 2 << 20;
+
+/// Whether this binary carries the eBPF object (built by `cargo xtask build-ebpf`).
+pub fn object_embedded() -> bool {
+    !OBJECT.is_empty()
+}
+
+/// The loaded programs and their maps. The maps are not pinned: they (and every socket
+/// reference in them) go away with the process, so a crash never leaves a socket spliced.
+pub struct Splicer {
+    pub(super) socks: Mutex<SockHash<MapData, u64>>,
+    pub(super) directions: Mutex<HashMap<MapData, u64, Direction>>,
+    pub(super) budget: u32,
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Splicer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Splicer").field("budget", &self.budget).finish()
+    }
+}
+
+impl Splicer {
+    /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log reader).
+    pub fn load() -> anyhow::Result<Splicer> {
+        Self::load_with_budget(DEFAULT_BUDGET)
+    }
+
+    pub fn load_with_budget(budget: u32) -> anyhow::Result<Splicer> {
+        if !object_embedded() {
+            bail!("the eBPF object was not embedded in this build (build it with `cargo xtask build-ebpf`, then rebuild)");
+        }
+        let write_seq_offset = btf::member_offset("tcp_sock", "write_seq")
+            .context("finding tcp_sock.write_seq in the kernel's BTF")?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(WRITE_SEQ_OFFSET_GLOBAL, &write_seq_offset, true)
+            .load(OBJECT)
+            .context("loading the eBPF object (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_logger(logger),
+            Err(e) => tracing::warn!(error = %e, "eBPF logs unavailable"),
+        }
+        let socks: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map(SOCKS_MAP)
+                .with_context(|| format!("map {SOCKS_MAP} missing"))?,
+        )?;
+        let directions: HashMap<MapData, u64, Direction> = HashMap::try_from(
+            ebpf.take_map(DIRECTIONS_MAP)
+                .with_context(|| format!("map {DIRECTIONS_MAP} missing"))?,
+        )?;
+        for name in ["parser", "verdict"] {
+            let prog: &mut SkSkb = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading program {name}"))?;
+            prog.attach(socks.fd())
+                .with_context(|| format!("attaching program {name} to {SOCKS_MAP}"))?;
+        }
+        Ok(Splicer {
+            socks: Mutex::new(socks),
+            directions: Mutex::new(directions),
+            budget,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Entries in the socket map (two per spliced tunnel).
+    pub fn sockets_in_map(&self) -> usize {
+        self.socks.lock().unwrap().keys().count()
+    }
+
+    /// Entries in the direction map (two per spliced tunnel).
+    pub fn directions_in_map(&self) -> usize {
+        self.directions.lock().unwrap().keys().count()
+    }
+
+    pub(super) fn direction(&self, cookie: u64) -> Option<Direction> {
+        self.directions.lock().unwrap().get(&cookie, 0).ok()
+    }
+
+    pub(super) fn insert_direction(&self, cookie: u64, dir: Direction) -> anyhow::Result<()> {
+        self.directions.lock().unwrap().insert(cookie, dir, 0)?;
+        Ok(())
+    }
+
+    pub(super) fn insert_socket(&self, cookie: u64, fd: &impl AsRawFd) -> std::io::Result<()> {
+        self.socks
+            .lock()
+            .unwrap()
+            .insert(cookie, fd.as_raw_fd(), 0)
+            .map_err(|e| match e {
+                aya::maps::MapError::SyscallError(s) => s.io_error,
+                other => std::io::Error::other(other.to_string()),
+            })
+    }
+
+    pub(super) fn remove(&self, cookie: u64) {
+        let _ = self.socks.lock().unwrap().remove(&cookie);
+        let _ = self.directions.lock().unwrap().remove(&cookie);
+    }
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(mut fd) = AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

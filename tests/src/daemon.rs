@@ -1,0 +1,135 @@
+//! The real daemon binary, started in the machine namespace.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Topology;
+
+pub const PORT: u16 = 8080;
+
+/// Path of the daemon under test: $PROJECT_INGRESS_PROXY_BIN, else the newest build in target/.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("PROJECT_INGRESS_PROXY_BIN") {
+        return path.into();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
+    ["release", "debug"]
+        .iter()
+        .map(|p| root.join(p).join("project-ingress-proxy"))
+        .filter(|p| p.exists())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .expect("daemon binary not built: run `cargo xtask test` or `cargo build -p proxy-daemon`")
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon in the machine namespace with extra args and env, and waits until
+    /// /health answers from the client namespace.
+    pub async fn start(topo: &Topology, args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        let dir = TempDir::new()?;
+        let log_path = dir.0.join("daemon.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = topo.machine.command(binary().to_str().unwrap());
+        cmd.args(["--listen", &format!("0.0.0.0:{PORT}"), "--log-format", "json"])
+            .args(args)
+            .env_remove("PROJECT_INGRESS_PROXY_SECRET")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("spawning the daemon")?;
+        let mut daemon = Daemon {
+            child,
+            addr: SocketAddr::new(topo.machine_ip, PORT),
+            log_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("daemon exited at start-up ({status}):\n{}", daemon.logs());
+            }
+            if let Ok(stream) = topo.client.connect(daemon.addr).await {
+                drop(stream);
+                return Ok(daemon);
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not start listening:\n{}", daemon.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        // `ip netns exec` execs the program, so the child is the daemon itself.
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for exit (bounded) and returns the exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not exit within {limit:?}:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Open file descriptors of the daemon process.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("SHOW_DAEMON_LOGS").is_some() {
+            eprintln!("---- daemon log ----\n{}---- end of daemon log ----", self.logs());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Result<TempDir> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ipx-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
