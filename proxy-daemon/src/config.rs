@@ -19,6 +19,15 @@ pub enum SpliceMode {
     Off,
 }
 
+/// How tunnels are relayed when the eBPF fast path is not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UserspaceRelay {
+    /// splice(2) through a pipe: bytes never enter the daemon's memory.
+    Splice,
+    /// read(2)/write(2) through a buffer.
+    Copy,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     /// Human-readable text when stderr is a terminal, JSON otherwise (services).
@@ -50,6 +59,11 @@ pub struct Args {
     /// Data path for tunnels: auto, ebpf (required, fail at start-up without it) or off (userspace).
     #[arg(long, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
+
+    /// Relay used for tunnels that are not spliced by eBPF (`--splice off`, or `auto`
+    /// when the fast path cannot load or does not pay).
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_USERSPACE_RELAY", value_enum, default_value_t = UserspaceRelay::Splice)]
+    pub userspace_relay: UserspaceRelay,
 
     /// Read the ingress secret from this file (surrounding whitespace trimmed) instead of
     /// the PROJECT_INGRESS_PROXY_SECRET environment variable.
