@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod framing;
 pub mod headers;
 pub mod logging;
 pub mod proxy;

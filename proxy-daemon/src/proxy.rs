@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -29,6 +29,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
+        ambiguous_framing: bool,
     ) -> Result<Response<LoggedBody>, std::convert::Infallible> {
         let log = AccessLog {
             request_id: String::new(),
@@ -37,7 +38,7 @@ impl Proxy {
             port: None,
             started: Instant::now(),
         };
-        let (response, log) = self.route(request, log).await;
+        let (response, log) = self.route(request, ambiguous_framing, log).await;
         let (parts, body) = response.into_parts();
         let status = parts.status;
         Ok(Response::from_parts(
@@ -49,6 +50,7 @@ impl Proxy {
     async fn route(
         &self,
         mut request: Request<Incoming>,
+        ambiguous_framing: bool,
         mut log: AccessLog,
     ) -> (Response<ProxyBody>, AccessLog) {
         if request.uri().path() == "/health" && request.uri().scheme().is_none() {
@@ -64,8 +66,8 @@ impl Proxy {
             return (resp, log);
         }
         // Request smuggling guard: hyper refuses most ambiguous framing itself; a request
-        // with both Content-Length and Transfer-Encoding is refused here.
-        if ambiguous_framing(request.headers()) {
+        // with both Content-Length and Transfer-Encoding (see `framing`) is refused here.
+        if ambiguous_framing {
             let resp = responses::error(StatusCode::BAD_REQUEST, "ambiguous_framing", true);
             return (resp, log);
         }
@@ -138,8 +140,4 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .unwrap_or_else(|| {
             HeaderValue::try_from(uuid::Uuid::new_v4().simple().to_string()).expect("hex")
         })
-}
-
-fn ambiguous_framing(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
 }

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::framing::Watched;
 use crate::proxy::Proxy;
 
 pub struct ServerSettings {
@@ -62,7 +63,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |request| proxy.clone().handle(request));
+        let (stream, framing) = Watched::new(stream, settings.max_header_bytes);
+        let service = service_fn(move |request| {
+            let ambiguous = framing.next_is_ambiguous();
+            proxy.clone().handle(request, ambiguous)
+        });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();

@@ -9,6 +9,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::{InboundBody, ProxyBody};
+use crate::framing::Watched;
 use crate::proxy::{relay_response, upstream_failed, Proxy};
 use crate::tunnel::Tunnel;
 
@@ -68,6 +69,12 @@ async fn take_sockets(
 }
 
 fn into_socket(upgraded: Upgraded) -> Option<(TcpStream, bytes::Bytes)> {
-    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
-    Some((parts.io.into_inner(), parts.read_buf))
+    // The client side is wrapped by the framing watcher, the upstream side is not.
+    match upgraded.downcast::<TokioIo<Watched<TcpStream>>>() {
+        Ok(parts) => Some((parts.io.into_inner().into_inner(), parts.read_buf)),
+        Err(upgraded) => {
+            let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+            Some((parts.io.into_inner(), parts.read_buf))
+        }
+    }
 }
