@@ -355,7 +355,10 @@ async fn secret_is_required_compared_and_stripped_and_never_logged() -> Result<(
     // Upgrades need it too.
     let (_, head, _) = client::upgrade(&s.topo.client, s.addr(), "localhost:4096", "websocket", "").await?;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-    assert!(!s.daemon.logs().contains(secret), "secret in logs");
+    let logs = s.daemon.logs();
+    assert!(!logs.contains(secret), "secret in logs");
+    let start = logs.lines().find(|l| l.contains("project-ingress-proxy started")).expect("start line");
+    assert!(start.contains("\"secret_auth\":true") && start.contains("\"listen\":\"0.0.0.0:8080\"") && start.contains("data_path"), "{start}");
     Ok(())
 }
 
@@ -424,5 +427,27 @@ async fn streamed_request_body_is_echoed_while_it_is_sent() -> Result<()> {
     drop(chunk_tx);
     let rest = body.collect().await?.to_bytes();
     assert!(rest.ends_with(b"third"), "{rest:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connect_timeout_is_502() -> Result<()> {
+    let s = Setup::new(&["--upstream-connect-timeout", "1s"]).await?;
+    // A listener that never accepts, its accept queue filled: further SYNs are dropped,
+    // so connecting hangs until the daemon's timeout.
+    let socket = s.topo.machine.tcp_socket(false)?;
+    socket.bind(v4(6000))?;
+    let _listener = socket.listen(1)?;
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(300), s.topo.machine.connect(v4(6000))).await {
+            fillers.push(c);
+        }
+    }
+    let started = Instant::now();
+    let (status, _, _, body) = call(&s, get("/", "localhost:6000")).await?;
+    assert_eq!((status, body.as_str()), (502, r#"{"error":"proxy_error"}"#));
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(s.daemon.logs().contains("timed out"));
     Ok(())
 }
