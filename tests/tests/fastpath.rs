@@ -87,7 +87,12 @@ impl Verifier {
     }
 }
 
-async fn send_stream<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, skip: u64, len: u64) -> Result<()> {
+async fn send_stream<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    seed: u64,
+    skip: u64,
+    len: u64,
+) -> Result<()> {
     let mut prng = Prng::new(seed);
     let mut buf = vec![0u8; 64 * 1024];
     let mut skipped = 0;
@@ -107,7 +112,11 @@ async fn send_stream<W: AsyncWriteExt + Unpin>(w: &mut W, seed: u64, skip: u64, 
 }
 
 /// Reads until EOF, verifying; returns the byte count.
-async fn recv_stream<R: AsyncReadExt + Unpin>(r: &mut R, v: &mut Verifier, expect: u64) -> Result<u64> {
+async fn recv_stream<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    v: &mut Verifier,
+    expect: u64,
+) -> Result<u64> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = r.read(&mut buf).await?;
@@ -116,11 +125,19 @@ async fn recv_stream<R: AsyncReadExt + Unpin>(r: &mut R, v: &mut Verifier, expec
         }
         v.check(&buf[..n])?;
         if v.seen > expect {
-            return Err(format!("received {} bytes, more than the {expect} sent (duplication)", v.seen).into());
+            return Err(format!(
+                "received {} bytes, more than the {expect} sent (duplication)",
+                v.seen
+            )
+            .into());
         }
     }
     if v.seen != expect {
-        return Err(format!("received {} of {expect} bytes before EOF (truncation)", v.seen).into());
+        return Err(format!(
+            "received {} of {expect} bytes before EOF (truncation)",
+            v.seen
+        )
+        .into());
     }
     Ok(v.seen)
 }
@@ -145,7 +162,10 @@ fn daemon_bin() -> PathBuf {
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     for profile in ["release", "debug"] {
-        let p = root.join("target").join(profile).join("project-ingress-proxy");
+        let p = root
+            .join("target")
+            .join(profile)
+            .join("project-ingress-proxy");
         if p.exists() {
             return p;
         }
@@ -155,9 +175,23 @@ fn daemon_bin() -> PathBuf {
 
 impl Daemon {
     async fn start(splice: &str) -> Daemon {
+        Self::start_args(&["--splice", splice]).await
+    }
+
+    async fn start_args(args: &[&str]) -> Daemon {
+        let splice = args
+            .iter()
+            .skip_while(|a| **a != "--splice")
+            .nth(1)
+            .copied()
+            .unwrap_or("");
         let mut child = Command::new(daemon_bin())
-            .args(["--listen", "127.0.0.1:0", "--splice", splice, "--log-format", "json"])
-            .env("RUST_LOG", "info")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("FASTPATH_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -170,7 +204,9 @@ impl Daemon {
                 .await
                 .expect("daemon start-up timed out")
                 .unwrap()
-                .unwrap_or_else(|| panic!("daemon exited during start-up: {:?}", log.lock().unwrap()));
+                .unwrap_or_else(|| {
+                    panic!("daemon exited during start-up: {:?}", log.lock().unwrap())
+                });
             log.lock().unwrap().push(line.clone());
             if line.contains("project-ingress-proxy started") {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -194,11 +230,19 @@ impl Daemon {
     }
 
     fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
     }
 
     fn log_lines(&self, needle: &str) -> Vec<String> {
-        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
     }
 
     /// Entries in the daemon's BPF maps: (sockhash, hash) summed over its maps.
@@ -209,13 +253,17 @@ impl Daemon {
             return (0, 0);
         };
         for e in dir.flatten() {
-            let Ok(info) = std::fs::read_to_string(e.path()) else { continue };
+            let Ok(info) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
             let field = |k: &str| {
                 info.lines()
                     .find_map(|l| l.strip_prefix(k))
                     .map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string())
             };
-            let (Some(ty), Some(id)) = (field("map_type:"), field("map_id:")) else { continue };
+            let (Some(ty), Some(id)) = (field("map_type:"), field("map_id:")) else {
+                continue;
+            };
             let id: u32 = id.parse().unwrap();
             match ty.as_str() {
                 "18" => sock += count_keys(id),
@@ -245,8 +293,17 @@ fn count_keys(map_id: u32) -> usize {
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
     unsafe {
-        let mut a = GetFd { id: map_id, next_id: 0, open_flags: 0 };
-        let fd = libc::syscall(libc::SYS_bpf, BPF_MAP_GET_FD_BY_ID, &mut a as *mut _, std::mem::size_of::<GetFd>());
+        let mut a = GetFd {
+            id: map_id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        let fd = libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_FD_BY_ID,
+            &mut a as *mut _,
+            std::mem::size_of::<GetFd>(),
+        );
         if fd < 0 {
             return 0;
         }
@@ -261,7 +318,12 @@ fn count_keys(map_id: u32) -> usize {
                 key: if first { 0 } else { &key as *const u64 as u64 },
                 next_key: &mut next as *mut u64 as u64,
             };
-            let r = libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, &mut b as *mut _, std::mem::size_of::<NextKey>());
+            let r = libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &mut b as *mut _,
+                std::mem::size_of::<NextKey>(),
+            );
             if r < 0 {
                 break;
             }
@@ -324,7 +386,13 @@ impl Plan {
     fn path(&self) -> String {
         format!(
             "/stream/{}/{}/{}/{}/{}/{}/{}",
-            self.seed, self.up, self.down, self.upstream_pre, self.down_after_eof as u8, self.upstream_stall_ms, self.client_pre
+            self.seed,
+            self.up,
+            self.down,
+            self.upstream_pre,
+            self.down_after_eof as u8,
+            self.upstream_stall_ms,
+            self.client_pre
         )
     }
     fn parse(path: &str) -> Option<Plan> {
@@ -365,7 +433,9 @@ impl Upstream {
         let r = results.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { return };
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
                 let r = r.clone();
                 tokio::spawn(async move {
                     let _ = serve(s, r).await;
@@ -380,11 +450,17 @@ impl Upstream {
     }
 }
 
-async fn serve(mut s: TcpStream, results: Arc<Mutex<HashMap<u64, std::result::Result<(), String>>>>) -> Result<()> {
+async fn serve(
+    mut s: TcpStream,
+    results: Arc<Mutex<HashMap<u64, std::result::Result<(), String>>>>,
+) -> Result<()> {
     let (head, early) = read_head(&mut s).await?;
     let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
     if path == "/echo" {
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n").await?;
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n",
+        )
+        .await?;
         s.write_all(&early).await?;
         let (mut r, mut w) = s.into_split();
         tokio::io::copy(&mut r, &mut w).await?;
@@ -394,16 +470,40 @@ async fn serve(mut s: TcpStream, results: Arc<Mutex<HashMap<u64, std::result::Re
     if let Some(rest) = path.strip_prefix("/reset/") {
         // Send `n` bytes, then reset.
         let n: usize = rest.parse()?;
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n").await?;
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n",
+        )
+        .await?;
         s.write_all(&vec![7u8; n]).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
         socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
         drop(s);
         return Ok(());
     }
+    if let Some(rest) = path.strip_prefix("/raw/") {
+        // Unverified bulk for measurements: send `n` zero bytes and drain the other way.
+        let n: u64 = rest.parse()?;
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n",
+        )
+        .await?;
+        let (mut r, mut w) = s.into_split();
+        let send = async {
+            raw_send(&mut w, n).await?;
+            w.shutdown().await
+        };
+        let drain = async { tokio::io::copy(&mut r, &mut tokio::io::sink()).await };
+        let (a, b) = tokio::join!(send, drain);
+        a?;
+        b?;
+        return Ok(());
+    }
     if path == "/hold" {
         // Waits for the client's reset (or EOF), reports how it ended.
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n").await?;
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n",
+        )
+        .await?;
         let mut b = [0u8; 1024];
         let end = loop {
             match s.read(&mut b).await {
@@ -417,11 +517,14 @@ async fn serve(mut s: TcpStream, results: Arc<Mutex<HashMap<u64, std::result::Re
         return Ok(());
     }
     let Some(plan) = Plan::parse(&path) else {
-        s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await?;
+        s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+            .await?;
         return Ok(());
     };
     let result = async {
-        let mut first = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n".to_vec();
+        let mut first =
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n"
+                .to_vec();
         first.extend_from_slice(&prefix(plan.seed ^ DOWN, plan.upstream_pre as usize));
         s.write_all(&first).await.map_err(|e| e.to_string())?;
         let (mut r, mut w) = s.into_split();
@@ -450,7 +553,10 @@ async fn serve(mut s: TcpStream, results: Arc<Mutex<HashMap<u64, std::result::Re
         Ok::<_, String>(())
     }
     .await;
-    results.lock().unwrap().insert(plan.seed, result.map_err(|e| e.to_string()));
+    results
+        .lock()
+        .unwrap()
+        .insert(plan.seed, result.map_err(|e| e.to_string()));
     Ok(())
 }
 
@@ -511,6 +617,19 @@ async fn run_plan(daemon: &Daemon, upstream: &Upstream, plan: Plan) -> Result<()
     }
 }
 
+/// `run_plan` with a deadline; on failure shows the daemon's last log lines.
+async fn check(daemon: &Daemon, upstream: &Upstream, plan: Plan, secs: u64) {
+    let r = tokio::time::timeout(Duration::from_secs(secs), run_plan(daemon, upstream, plan)).await;
+    let err = match r {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "stalled".to_string(),
+    };
+    let log = daemon.log.lock().unwrap();
+    let tail: Vec<&String> = log.iter().rev().take(12).collect();
+    panic!("{plan:?}: {err}; daemon log tail: {tail:#?}");
+}
+
 async fn wait_idle(daemon: &Daemon, fds_before: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -544,14 +663,22 @@ async fn bulk_both_ways_many_tunnels() {
     let daemon = Daemon::start(&mode()).await;
     let upstream = Upstream::start().await;
     let fds = daemon.fd_count();
-    let (rounds, size) = if torture() { (40, 256 * MIB) } else { (8, 48 * MIB) };
+    let (rounds, size) = if torture() {
+        (40, 256 * MIB)
+    } else {
+        (8, 48 * MIB)
+    };
     for round in 0..rounds {
         let mut tasks = Vec::new();
         for t in 0..4u64 {
             let plan = Plan::new(1000 + round * 10 + t, size, size);
             let d = &daemon;
             let u = &upstream;
-            tasks.push(async move { run_plan(d, u, plan).await.map_err(|e| format!("round {round} tunnel {t}: {e}")) });
+            tasks.push(async move {
+                run_plan(d, u, plan)
+                    .await
+                    .map_err(|e| format!("round {round} tunnel {t}: {e}"))
+            });
         }
         for r in futures_util::future::join_all(tasks).await {
             r.unwrap();
@@ -572,7 +699,10 @@ async fn one_byte_ping_pong() {
     for i in 0..n {
         let x = (i % 251) as u8;
         s.write_all(&[x]).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await.expect("stalled").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .expect("stalled")
+            .unwrap();
         assert_eq!(b[0], x, "round trip {i}");
     }
     s.shutdown().await.unwrap();
@@ -610,7 +740,11 @@ async fn bursts_of_small_messages() {
             let mut v = Verifier::new(seed ^ 0x77);
             recv_stream(&mut r, &mut v, total).await.unwrap();
         };
-        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(writer, reader) }).await.expect("stalled");
+        tokio::time::timeout(Duration::from_secs(60), async {
+            tokio::join!(writer, reader)
+        })
+        .await
+        .expect("stalled");
     }
 }
 
@@ -620,10 +754,10 @@ async fn leftover_and_queued_bytes() {
     let upstream = Upstream::start().await;
     let mut seed = 50_000;
     for (upstream_pre, client_pre, up, down) in [
-        (1000, 1000, 1000, 1000),       // only leftovers, nothing after: handoff must not wait for more
+        (1000, 1000, 1000, 1000), // only leftovers, nothing after: handoff must not wait for more
         (1, 1, 1, 1),
-        (5000, 0, 5000, 5000),          // upstream speaks right after its 101, nothing else
-        (0, 3000, 3000, 0),             // client speaks with its request, nothing else
+        (5000, 0, 5000, 5000), // upstream speaks right after its 101, nothing else
+        (0, 3000, 3000, 0),    // client speaks with its request, nothing else
         (60_000, 60_000, 8 * MIB, 8 * MIB),
     ] {
         for _ in 0..if torture() { 50 } else { 5 } {
@@ -644,7 +778,10 @@ async fn leftover_and_queued_bytes() {
         let msg = format!("hello {i}");
         s.write_all(msg.as_bytes()).await.unwrap();
         let mut b = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b)).await.expect("queued bytes stalled").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .expect("queued bytes stalled")
+            .unwrap();
         assert_eq!(b, msg.as_bytes());
     }
 }
@@ -654,7 +791,11 @@ async fn slow_reader(client_slow: bool) {
     let upstream = Upstream::start().await;
     let total = 512 * MIB;
     let stall = 3000;
-    let mut plan = if client_slow { Plan::new(70_001, 0, total) } else { Plan::new(70_002, total, 0) };
+    let mut plan = if client_slow {
+        Plan::new(70_001, 0, total)
+    } else {
+        Plan::new(70_002, total, 0)
+    };
     if client_slow {
         plan.client_stall_ms = stall;
     } else {
@@ -675,10 +816,18 @@ async fn slow_reader(client_slow: bool) {
     };
     let (r, worst_kib) = tokio::join!(tokio::time::timeout(Duration::from_secs(60), run), sampler);
     r.expect("stalled").unwrap();
-    eprintln!("slow reader ({}): memory grew by at most {} MiB while stalled", if client_slow { "client" } else { "upstream" }, worst_kib / 1024);
+    eprintln!(
+        "slow reader ({}): memory grew by at most {} MiB while stalled",
+        if client_slow { "client" } else { "upstream" },
+        worst_kib / 1024
+    );
     // Socket buffers (a few MiB each) + the fast-path budget; without the budget this was
     // gigabytes.
-    assert!(worst_kib < 96 * 1024, "memory grew by {} MiB with a stalled reader", worst_kib / 1024);
+    assert!(
+        worst_kib < 96 * 1024,
+        "memory grew by {} MiB with a stalled reader",
+        worst_kib / 1024
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,16 +848,16 @@ async fn half_close_each_way() {
         // Client half-closes first, upstream answers after it saw the EOF.
         let mut plan = Plan::new(80_000 + i, 2 * MIB + i, 3 * MIB);
         plan.down_after_eof = true;
-        run_plan(&daemon, &upstream, plan).await.unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+        check(&daemon, &upstream, plan, 30).await;
         // Upstream half-closes first, client answers after it saw the EOF.
         let mut plan = Plan::new(81_000 + i, 3 * MIB, 2 * MIB + i);
         plan.up_after_eof = true;
-        run_plan(&daemon, &upstream, plan).await.unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+        check(&daemon, &upstream, plan, 30).await;
         // Tiny: a few bytes and EOF right away (FIN possibly before the splice).
         let mut plan = Plan::new(82_000 + i, 10, 10);
         plan.client_pre = 10;
         plan.upstream_pre = 10;
-        run_plan(&daemon, &upstream, plan).await.unwrap_or_else(|e| panic!("{plan:?}: {e}"));
+        check(&daemon, &upstream, plan, 30).await;
     }
 }
 
@@ -719,7 +868,9 @@ async fn resets_propagate() {
     let fds = daemon.fd_count();
     for _ in 0..if torture() { 50 } else { 5 } {
         // Upstream resets: the client sees its bytes then a reset (not a clean EOF).
-        let (mut s, early) = open(&daemon, upstream.port, "/reset/100000", b"").await.unwrap();
+        let (mut s, early) = open(&daemon, upstream.port, "/reset/100000", b"")
+            .await
+            .unwrap();
         let mut got = early.len();
         let mut b = vec![0u8; 65536];
         let end = tokio::time::timeout(Duration::from_secs(5), async {
@@ -738,7 +889,9 @@ async fn resets_propagate() {
         upstream.results.lock().unwrap().remove(&0xDEAD);
         let (s, _) = open(&daemon, upstream.port, "/hold", b"").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         drop(s);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -780,6 +933,123 @@ async fn thousands_of_concurrent_tunnels_leave_nothing_behind() {
         t.await.unwrap().unwrap();
     }
     let closed = d.log_lines("tunnel closed").len();
-    assert!(closed >= n as usize - 10, "only {closed} tunnels logged closed");
+    assert!(
+        closed >= n as usize - 10,
+        "only {closed} tunnels logged closed"
+    );
     wait_idle(&d, fds).await;
+}
+
+// ---------------------------------------------------------------- measurement
+
+async fn raw_send<W: AsyncWriteExt + Unpin>(w: &mut W, n: u64) -> io::Result<()> {
+    let buf = vec![0u8; 256 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..k]).await?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+async fn raw_run(daemon: &Daemon, port: u16, up: u64, down: u64) -> Result<()> {
+    let (s, early) = open(daemon, port, &format!("/raw/{down}"), b"").await?;
+    let (mut r, mut w) = s.into_split();
+    let send = async {
+        raw_send(&mut w, up).await?;
+        w.shutdown().await
+    };
+    let drain = async { tokio::io::copy(&mut r, &mut tokio::io::sink()).await };
+    let (a, b) = tokio::join!(send, drain);
+    a?;
+    let got = b? + early.len() as u64;
+    if got != down {
+        return Err(format!("received {got} of {down}").into());
+    }
+    Ok(())
+}
+
+fn cpu_jiffies() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap();
+    let line = s.lines().next().unwrap();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle + iowait
+    v.iter().take(8).sum::<u64>() - v[3] - v[4]
+}
+
+/// Throughput, small-message RTT and whole-machine CPU per GB for each relay, one run,
+/// loopback. `cargo test --release -p tests --test fastpath -- --ignored measure --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_relays() {
+    let size = 4096 * MIB;
+    for (name, args) in [
+        ("ebpf", vec!["--splice", "ebpf"]),
+        (
+            "splice",
+            vec!["--splice", "off", "--userspace-relay", "splice"],
+        ),
+        ("copy", vec!["--splice", "off", "--userspace-relay", "copy"]),
+    ] {
+        let daemon = Daemon::start_args(&args).await;
+        let upstream = Upstream::start().await;
+        let hz = 100.0; // USER_HZ
+        for (label, up, down) in [("one-way", size, 0), ("both-ways", size / 2, size / 2)] {
+            let j0 = cpu_jiffies();
+            let t0 = Instant::now();
+            let r = tokio::time::timeout(
+                Duration::from_secs(60),
+                raw_run(&daemon, upstream.port, up, down),
+            )
+            .await;
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = (cpu_jiffies() - j0) as f64 / hz;
+            let gb = (up + down) as f64 / 1e9;
+            match r {
+                Ok(Ok(())) => eprintln!(
+                    "MEASURE {name:7} {label:9} {:6.2} GB/s  {:5.2} CPU-s/GB (whole machine)",
+                    gb / secs,
+                    cpu / gb
+                ),
+                Ok(Err(e)) => eprintln!("MEASURE {name:7} {label:9} FAILED: {e}"),
+                Err(_) => eprintln!("MEASURE {name:7} {label:9} STALLED (60 s)"),
+            }
+        }
+        let (mut s, _) = open(&daemon, upstream.port, "/echo", b"").await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut rtts = Vec::new();
+        let msg = [42u8; 64];
+        let mut b = [0u8; 64];
+        let mut ok = true;
+        for _ in 0..5000 {
+            let t = Instant::now();
+            s.write_all(&msg).await.unwrap();
+            if tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b))
+                .await
+                .is_err()
+            {
+                ok = false;
+                break;
+            }
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if ok {
+            eprintln!(
+                "MEASURE {name:7} rtt-64B   p50 {:.1} us  p99 {:.1} us",
+                rtts[rtts.len() / 2],
+                rtts[rtts.len() * 99 / 100]
+            );
+        } else {
+            eprintln!(
+                "MEASURE {name:7} rtt-64B   STALLED after {} round trips",
+                rtts.len()
+            );
+        }
+    }
 }

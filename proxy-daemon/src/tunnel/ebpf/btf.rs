@@ -8,16 +8,21 @@ const KIND_STRUCT: u32 = 4;
 
 /// Byte offset of `member` in `struct name`.
 pub fn member_offset(name: &str, member: &str) -> anyhow::Result<u32> {
-    let data = std::fs::read("/sys/kernel/btf/vmlinux").context("reading /sys/kernel/btf/vmlinux")?;
+    let data =
+        std::fs::read("/sys/kernel/btf/vmlinux").context("reading /sys/kernel/btf/vmlinux")?;
     member_offset_in(&data, name, member)
 }
 
 fn u16_at(d: &[u8], o: usize) -> anyhow::Result<u16> {
-    Ok(u16::from_le_bytes(d.get(o..o + 2).context("truncated BTF")?.try_into()?))
+    Ok(u16::from_le_bytes(
+        d.get(o..o + 2).context("truncated BTF")?.try_into()?,
+    ))
 }
 
 fn u32_at(d: &[u8], o: usize) -> anyhow::Result<u32> {
-    Ok(u32::from_le_bytes(d.get(o..o + 4).context("truncated BTF")?.try_into()?))
+    Ok(u32::from_le_bytes(
+        d.get(o..o + 4).context("truncated BTF")?.try_into()?,
+    ))
 }
 
 fn str_at(strings: &[u8], off: u32) -> &[u8] {
@@ -49,15 +54,15 @@ fn member_offset_in(d: &[u8], name: &str, member: &str) -> anyhow::Result<u32> {
         let kind_flag = info >> 31 != 0;
         let body = o + 12;
         let extra = match kind {
-            1 => 4,                // INT
-            3 => 12,               // ARRAY
-            4 | 5 => 12 * vlen,    // STRUCT, UNION
-            6 => 8 * vlen,         // ENUM
-            13 => 8 * vlen,        // FUNC_PROTO
-            14 => 4,               // VAR
-            15 => 12 * vlen,       // DATASEC
-            17 => 4,               // DECL_TAG
-            19 => 12 * vlen,       // ENUM64
+            1 => 4,             // INT
+            3 => 12,            // ARRAY
+            4 | 5 => 12 * vlen, // STRUCT, UNION
+            6 => 8 * vlen,      // ENUM
+            13 => 8 * vlen,     // FUNC_PROTO
+            14 => 4,            // VAR
+            15 => 12 * vlen,    // DATASEC
+            17 => 4,            // DECL_TAG
+            19 => 12 * vlen,    // ENUM64
             2 | 7..=12 | 16 | 18 => 0,
             other => bail!("unknown BTF kind {other}"),
         };

@@ -33,14 +33,21 @@ pub struct Splicer {
 
 impl std::fmt::Debug for Splicer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Splicer").field("budget", &self.budget).finish()
+        f.debug_struct("Splicer")
+            .field("budget", &self.budget)
+            .finish()
     }
 }
 
 impl Splicer {
     /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log reader).
+    /// The budget can be overridden with `PROJECT_INGRESS_PROXY_EBPF_BUDGET` (bytes).
     pub fn load() -> anyhow::Result<Splicer> {
-        Self::load_with_budget(DEFAULT_BUDGET)
+        let budget = std::env::var("PROJECT_INGRESS_PROXY_EBPF_BUDGET")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_BUDGET);
+        Self::load_with_budget(budget)
     }
 
     pub fn load_with_budget(budget: u32) -> anyhow::Result<Splicer> {
@@ -120,7 +127,11 @@ impl Splicer {
 }
 
 fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(mut fd) = AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) else {
+    // SAFETY: the logger owns its ring buffer fd and keeps it open until it is dropped
+    // together with the AsyncFd.
+    let Ok(mut fd) =
+        (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+    else {
         return;
     };
     tokio::spawn(async move {
