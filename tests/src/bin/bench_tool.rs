@@ -83,7 +83,11 @@ impl Verifier {
             let want = window(self.seed, self.received, buf.len());
             let n = want.len();
             if buf[..n] != *want {
-                let at = buf[..n].iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+                let at = buf[..n]
+                    .iter()
+                    .zip(want)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
                 bail!("wrong byte at offset {}", self.received + at as u64);
             }
             self.received += n as u64;
@@ -236,14 +240,11 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible>
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
                 while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Binary(_) | Message::Text(_) => {
-                            if ws.send(msg).await.is_err() {
-                                return;
-                            }
-                        }
-                        Message::Close(_) => return,
-                        _ => {}
+                    if msg.is_close() {
+                        return;
+                    }
+                    if (msg.is_binary() || msg.is_text()) && ws.send(msg).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -328,7 +329,10 @@ fn read_head(s: &mut StdTcpStream) -> Result<String> {
 }
 
 fn status_of(head: &str) -> u16 {
-    head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
@@ -394,7 +398,10 @@ fn upload(addr: SocketAddr, target: &str, n: u64) -> Result<u64> {
     s.read_exact(&mut body)?;
     let body = String::from_utf8_lossy(&body);
     if status_of(&head) != 200 || body.trim() != format!("ok {n}") {
-        bail!("upload rejected: {} {body}", head.lines().next().unwrap_or(""));
+        bail!(
+            "upload rejected: {} {body}",
+            head.lines().next().unwrap_or("")
+        );
     }
     Ok(n)
 }
@@ -433,7 +440,8 @@ fn tunnel(addr: SocketAddr, target: &str, down: u64, up: u64) -> Result<u64> {
         .map_err(|_| anyhow!("writer panicked"))?
         .context("sending")?;
     let mut verdict = [0u8; 2];
-    s.read_exact(&mut verdict).context("reading the upstream's verdict")?;
+    s.read_exact(&mut verdict)
+        .context("reading the upstream's verdict")?;
     if &verdict != b"OK" {
         bail!("upstream saw wrong or missing bytes");
     }
@@ -442,7 +450,13 @@ fn tunnel(addr: SocketAddr, target: &str, down: u64, up: u64) -> Result<u64> {
 
 /// `conns` WebSockets, each sending 64-byte messages one at a time and waiting for the
 /// echo, for `secs` seconds or `max` messages per socket.
-async fn wsecho(addr: SocketAddr, target: &str, conns: usize, secs: f64, max: u64) -> Result<serde_json::Value> {
+async fn wsecho(
+    addr: SocketAddr,
+    target: &str,
+    conns: usize,
+    secs: f64,
+    max: u64,
+) -> Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut sockets = Vec::new();
     for _ in 0..conns {
@@ -517,7 +531,10 @@ fn idle(addr: SocketAddr, target: &str, count: usize) -> Result<serde_json::Valu
         s.write_all(req.as_bytes())?;
         let head = read_head(&mut s)?;
         if status_of(&head) != 101 {
-            bail!("connection {i}: no upgrade: {}", head.lines().next().unwrap_or(""));
+            bail!(
+                "connection {i}: no upgrade: {}",
+                head.lines().next().unwrap_or("")
+            );
         }
         conns.push(s);
     }
