@@ -53,7 +53,11 @@ pub enum LogFormat {
 #[command(name = "project-ingress-proxy", version, about, long_about)]
 pub struct Args {
     /// Address and port to listen on.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "PROJECT_INGRESS_PROXY_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     pub listen: SocketAddr,
 
     /// Data path for tunnels: auto, ebpf (required, fail at start-up without it) or off (userspace).
@@ -97,7 +101,11 @@ pub struct Args {
     pub upstream_idle_timeout: Duration,
 
     /// Most idle pooled connections kept per upstream port.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_MAX_IDLE", default_value_t = 64)]
+    #[arg(
+        long,
+        env = "PROJECT_INGRESS_PROXY_UPSTREAM_MAX_IDLE",
+        default_value_t = 64
+    )]
     pub upstream_max_idle_per_port: usize,
 }
 

@@ -186,7 +186,9 @@ impl<T> Watched<T> {
             .lock()
             .unwrap()
             .push_back(transfer_encoding && has_content_length);
-        let connect = request.method.is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"));
+        let connect = request
+            .method
+            .is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"));
         if upgrade || connect || (transfer_encoding && !chunked) {
             State::Off
         } else if chunked {

@@ -5,12 +5,12 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use proxy_daemon::config::{Args, SpliceMode};
+use proxy_daemon::config::{Args, SpliceMode, UserspaceRelay};
+use proxy_daemon::logging;
 use proxy_daemon::proxy::Proxy;
 use proxy_daemon::server::{self, ServerSettings};
-use proxy_daemon::tunnel::{Relay, Tunnels};
+use proxy_daemon::tunnel::{ebpf, Relay, Tunnels};
 use proxy_daemon::upstream::{UpstreamSettings, Upstreams};
-use proxy_daemon::logging;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -28,11 +28,25 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let secret = args.secret()?;
+    let userspace = match args.userspace_relay {
+        UserspaceRelay::Splice => Relay::Splice,
+        UserspaceRelay::Copy => Relay::Copy,
+    };
     let relay = match args.splice {
-        SpliceMode::Ebpf => anyhow::bail!(
-            "--splice ebpf: the in-kernel fast path is not built into this version; use --splice auto or off"
-        ),
-        SpliceMode::Auto | SpliceMode::Off => Relay::Splice,
+        SpliceMode::Off => userspace,
+        SpliceMode::Ebpf => Relay::Ebpf(Arc::new(
+            ebpf::Splicer::load().context("--splice ebpf: the in-kernel fast path cannot start")?,
+        )),
+        // Evidence (docs/fastpath.md): on this kernel the SOCKHASH redirect path stalls
+        // when a reader falls behind or data is queued at the handoff, so `auto` keeps
+        // the splice(2) relay until that is fixed; `--splice ebpf` forces the fast path.
+        SpliceMode::Auto => {
+            tracing::info!(
+                ebpf_object_embedded = ebpf::object_embedded(),
+                "in-kernel fast path not selected by auto (kernel redirect stalls, see docs/fastpath.md): tunnels use the userspace relay; --splice ebpf forces it"
+            );
+            userspace
+        }
     };
     let listener = TcpListener::bind(args.listen)
         .await

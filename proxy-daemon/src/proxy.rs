@@ -62,7 +62,8 @@ impl Proxy {
 
         // Not an open proxy: only origin-form (and `*`) request targets.
         if request.method() == Method::CONNECT || request.uri().authority().is_some() {
-            let resp = responses::error(StatusCode::BAD_REQUEST, "unsupported_request_target", true);
+            let resp =
+                responses::error(StatusCode::BAD_REQUEST, "unsupported_request_target", true);
             return (resp, log);
         }
         // Request smuggling guard: hyper refuses most ambiguous framing itself; a request
@@ -103,7 +104,11 @@ impl Proxy {
     async fn forward(&self, port: u16, request: Request<Incoming>) -> Response<ProxyBody> {
         let (parts, body) = request.into_parts();
         let (body, client_body_failed) = InboundBody::new(body);
-        match self.upstreams.send(port, Request::from_parts(parts, body)).await {
+        match self
+            .upstreams
+            .send(port, Request::from_parts(parts, body))
+            .await
+        {
             Ok(response) => relay_response(response),
             Err(e) if client_body_failed.load(Ordering::Relaxed) => {
                 tracing::debug!(port, error = %e, "client request body failed");

@@ -100,7 +100,10 @@ pub async fn serve(
         connections.wait().await;
         proxy.tunnels.wait_idle().await;
     };
-    if tokio::time::timeout(settings.shutdown_grace, drain).await.is_err() {
+    if tokio::time::timeout(settings.shutdown_grace, drain)
+        .await
+        .is_err()
+    {
         tracing::info!(
             open_tunnels = proxy.tunnels.open(),
             "grace period over: closing what is left"

@@ -46,7 +46,11 @@ pub fn parse_target(raw: &str) -> Result<u16, TargetError> {
         return Err(TargetError::Missing);
     }
     // `<port>__<rest>`: only when `__` starts after the first character.
-    if let Some(at) = value.get(1..).and_then(|tail| tail.find("__")).map(|i| i + 1) {
+    if let Some(at) = value
+        .get(1..)
+        .and_then(|tail| tail.find("__"))
+        .map(|i| i + 1)
+    {
         let (port, rest) = (&value[..at], &value[at + 2..]);
         if rest.is_empty() {
             return Err(TargetError::Invalid);
@@ -151,7 +155,10 @@ mod tests {
     fn header_presence() {
         let mut headers = HeaderMap::new();
         assert_eq!(target_port(&headers), Err(Missing));
-        headers.insert("X-Iterate-Proxy-Target-Host", HeaderValue::from_static("4096__m"));
+        headers.insert(
+            "X-Iterate-Proxy-Target-Host",
+            HeaderValue::from_static("4096__m"),
+        );
         assert_eq!(target_port(&headers), Ok(4096));
         headers.append(TARGET_HEADER, HeaderValue::from_static("4096__m"));
         assert_eq!(target_port(&headers), Err(Invalid), "sent twice");

@@ -33,7 +33,9 @@ pub async fn proxy(
     };
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_side = hyper::upgrade::on(&mut response);
-        proxy.tunnels.spawn(take_sockets(request_id, port, client_side, upstream_side));
+        proxy
+            .tunnels
+            .spawn(take_sockets(request_id, port, client_side, upstream_side));
     }
     relay_response(response)
 }

@@ -169,7 +169,9 @@ impl Upstreams {
             }
             let mut idle = pool.idle.lock().unwrap();
             let list = idle.entry(port).or_default();
-            list.retain(|c| c.since.elapsed() < pool.settings.idle_timeout && !c.sender.is_closed());
+            list.retain(|c| {
+                c.since.elapsed() < pool.settings.idle_timeout && !c.sender.is_closed()
+            });
             if list.len() < pool.settings.max_idle_per_port {
                 list.push(IdleConnection {
                     sender,

@@ -16,7 +16,9 @@ pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("PROJECT_INGRESS_PROXY_BIN") {
         return path.into();
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target");
     ["release", "debug"]
         .iter()
         .map(|p| root.join(p).join("project-ingress-proxy"))
@@ -40,13 +42,18 @@ impl Daemon {
         let log_path = dir.0.join("daemon.log");
         let log = std::fs::File::create(&log_path)?;
         let mut cmd = topo.machine.command(binary().to_str().unwrap());
-        cmd.args(["--listen", &format!("0.0.0.0:{PORT}"), "--log-format", "json"])
-            .args(args)
-            .env_remove("PROJECT_INGRESS_PROXY_SECRET")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args([
+            "--listen",
+            &format!("0.0.0.0:{PORT}"),
+            "--log-format",
+            "json",
+        ])
+        .args(args)
+        .env_remove("PROJECT_INGRESS_PROXY_SECRET")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
         let child = cmd.spawn().context("spawning the daemon")?;
         let mut daemon = Daemon {
             child,
@@ -108,7 +115,10 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() || std::env::var_os("SHOW_DAEMON_LOGS").is_some() {
-            eprintln!("---- daemon log ----\n{}---- end of daemon log ----", self.logs());
+            eprintln!(
+                "---- daemon log ----\n{}---- end of daemon log ----",
+                self.logs()
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

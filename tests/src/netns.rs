@@ -166,8 +166,24 @@ impl Topology {
         ])?;
         // A private /30 that exists only inside these two namespaces.
         let (client_ip, machine_ip) = ("10.203.0.1", "10.203.0.2");
-        ip(&["-n", &client.name, "addr", "add", &format!("{client_ip}/30"), "dev", "veth0"])?;
-        ip(&["-n", &machine.name, "addr", "add", &format!("{machine_ip}/30"), "dev", "veth0"])?;
+        ip(&[
+            "-n",
+            &client.name,
+            "addr",
+            "add",
+            &format!("{client_ip}/30"),
+            "dev",
+            "veth0",
+        ])?;
+        ip(&[
+            "-n",
+            &machine.name,
+            "addr",
+            "add",
+            &format!("{machine_ip}/30"),
+            "dev",
+            "veth0",
+        ])?;
         ip(&["-n", &client.name, "link", "set", "veth0", "up"])?;
         ip(&["-n", &machine.name, "link", "set", "veth0", "up"])?;
         Ok(Topology {
@@ -188,7 +204,11 @@ fn remove_stale() {
         let Some(rest) = name.strip_prefix(PREFIX) else {
             continue;
         };
-        let pid: u32 = rest.split('x').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pid: u32 = rest
+            .split('x')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if pid != 0 && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = ip(&["netns", "del", &name]);
         }

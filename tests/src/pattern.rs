@@ -70,7 +70,10 @@ mod tests {
             assert_eq!(check(9, start, &buf), Ok(()));
             buf[13] ^= 1;
             assert_eq!(check(9, start, &buf), Err(start + 13));
-            assert!(check(9, start + 1, &buf).is_err(), "a shifted stream must not pass");
+            assert!(
+                check(9, start + 1, &buf).is_err(),
+                "a shifted stream must not pass"
+            );
         }
     }
 }

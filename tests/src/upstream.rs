@@ -64,9 +64,8 @@ impl HttpApp {
                 let gate = gate.clone();
                 let family = if addr.is_ipv6() { "v6" } else { "v4" };
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        route(req, gate.clone(), family)
-                    });
+                    let service =
+                        hyper::service::service_fn(move |req| route(req, gate.clone(), family));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .with_upgrades()
@@ -149,7 +148,9 @@ async fn route(
                 for i in 0..n {
                     if i > 0 {
                         // The test releases the next event only after it saw this one.
-                        let Ok(permit) = gate.acquire().await else { return };
+                        let Ok(permit) = gate.acquire().await else {
+                            return;
+                        };
                         permit.forget();
                     }
                     let event = format!("id: {i}\ndata: event {i}\n\n");
@@ -189,11 +190,14 @@ async fn route(
         }
         ["ws"] if req.headers().contains_key("upgrade") => {
             let key = req.headers()["sec-websocket-key"].clone();
-            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
             let protocol = req.headers().get("sec-websocket-protocol").cloned();
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
-                let Ok(upgraded) = on_upgrade.await else { return };
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
                 let mut ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
@@ -215,7 +219,10 @@ async fn route(
             if let Some(p) = protocol {
                 h.insert("sec-websocket-protocol", p);
             }
-            h.insert("x-inspect", inspect(&req).replace('\n', " | ").parse().unwrap());
+            h.insert(
+                "x-inspect",
+                inspect(&req).replace('\n', " | ").parse().unwrap(),
+            );
             resp
         }
         _ => Response::new(full(inspect(&req))),
@@ -330,6 +337,8 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 pub fn header_value(head: &str, name: &str) -> Option<String> {
     head.lines().skip(1).find_map(|line| {
         let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
     })
 }

@@ -30,11 +30,16 @@ fn get(path: &str, target: &str) -> Request<client::ClientBody> {
 }
 
 async fn body_string(resp: hyper::Response<hyper::body::Incoming>) -> Result<String> {
-    Ok(String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?)
+    Ok(String::from_utf8(
+        resp.into_body().collect().await?.to_bytes().to_vec(),
+    )?)
 }
 
 /// (status, content-type, content-length, body) of one request on a fresh connection.
-async fn call(s: &Setup, req: Request<client::ClientBody>) -> Result<(u16, String, String, String)> {
+async fn call(
+    s: &Setup,
+    req: Request<client::ClientBody>,
+) -> Result<(u16, String, String, String)> {
     let (mut sender, _) = client::http1(&s.topo.client, s.addr()).await?;
     let resp = client::send(&mut sender, req).await?;
     let status = resp.status().as_u16();
@@ -51,7 +56,11 @@ async fn call(s: &Setup, req: Request<client::ClientBody>) -> Result<(u16, Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_needs_no_target_and_ignores_query_and_method() -> Result<()> {
     let s = Setup::with_env(&[], &[("PROJECT_INGRESS_PROXY_SECRET", "s3cret")]).await?;
-    for (method, path) in [("GET", "/health"), ("POST", "/health?x=1"), ("HEAD", "/health")] {
+    for (method, path) in [
+        ("GET", "/health"),
+        ("POST", "/health?x=1"),
+        ("HEAD", "/health"),
+    ] {
         let req = Request::builder().method(method).uri(path).body(empty())?;
         let (status, ct, cl, body) = call(&s, req).await?;
         assert_eq!(status, 200, "{method} {path}");
@@ -96,7 +105,11 @@ async fn target_header_errors_are_json_400() -> Result<()> {
         assert_eq!(cl, expected.len().to_string());
         assert_eq!(body, *expected, "{values:?}");
     }
-    assert_eq!(app.connections.load(Ordering::Relaxed), 0, "nothing forwarded");
+    assert_eq!(
+        app.connections.load(Ordering::Relaxed),
+        0,
+        "nothing forwarded"
+    );
     Ok(())
 }
 
@@ -123,7 +136,10 @@ async fn headers_are_rewritten_as_specified() -> Result<()> {
     assert_eq!(lines[0], "GET /inspect HTTP/1.1");
     let has = |l: &str| lines.contains(&l);
     assert!(has("host: localhost:4096"), "{seen}");
-    assert!(has("x-iterate-proxy-via: 4096__mach_1.iterate.town"), "{seen}");
+    assert!(
+        has("x-iterate-proxy-via: 4096__mach_1.iterate.town"),
+        "{seen}"
+    );
     assert!(has("origin: https://4096__mach_1.iterate.town"), "{seen}");
     assert!(has("cookie: a=1; b=2"), "{seen}");
     assert!(has("x-forwarded-for: 203.0.113.7"), "{seen}");
@@ -153,7 +169,14 @@ async fn headers_are_rewritten_as_specified() -> Result<()> {
         .lines()
         .find(|l| l.contains(&id))
         .expect("access log line");
-    for field in ["\"method\":\"GET\"", "\"path\":\"/inspect\"", "\"port\":4096", "\"status\":200", "\"bytes\":", "\"duration_ms\":"] {
+    for field in [
+        "\"method\":\"GET\"",
+        "\"path\":\"/inspect\"",
+        "\"port\":4096",
+        "\"status\":200",
+        "\"bytes\":",
+        "\"duration_ms\":",
+    ] {
         assert!(line.contains(field), "{field} missing in {line}");
     }
     Ok(())
@@ -207,13 +230,17 @@ async fn multi_gigabyte_bodies_stream_both_ways() -> Result<()> {
     // Uploads: chunked (no length known) and with Content-Length.
     for with_length in [false, true] {
         let body = tests::upstream::pattern_body(size, 11, None);
-        let mut req = Request::post("/upload/11")
-            .header("x-iterate-proxy-target-host", "localhost:4096");
+        let mut req =
+            Request::post("/upload/11").header("x-iterate-proxy-target-host", "localhost:4096");
         if with_length {
             req = req.header("content-length", size);
         }
         let resp = client::send(&mut sender, req.body(body)?).await?;
-        assert_eq!(body_string(resp).await?, format!("ok {size}"), "upload length={with_length}");
+        assert_eq!(
+            body_string(resp).await?,
+            format!("ok {size}"),
+            "upload length={with_length}"
+        );
     }
     Ok(())
 }
@@ -241,7 +268,8 @@ async fn sse_events_arrive_one_by_one() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_connections_are_pooled_and_client_keep_alive_survives_upstream_close() -> Result<()> {
+async fn upstream_connections_are_pooled_and_client_keep_alive_survives_upstream_close(
+) -> Result<()> {
     let (s, app) = setup_with_app(&[]).await?;
     let (mut sender, conn_done) = client::http1(&s.topo.client, s.addr()).await?;
     for _ in 0..20 {
@@ -249,19 +277,33 @@ async fn upstream_connections_are_pooled_and_client_keep_alive_survives_upstream
         assert_eq!(resp.status(), 200);
         body_string(resp).await?;
     }
-    assert_eq!(app.connections.load(Ordering::Relaxed), 1, "one pooled upstream connection");
+    assert_eq!(
+        app.connections.load(Ordering::Relaxed),
+        1,
+        "one pooled upstream connection"
+    );
 
     // The upstream closes its connection after this response: the client's stays open.
     let resp = client::send(&mut sender, get("/close", "localhost:4096")).await?;
-    assert!(!resp.headers().contains_key("connection"), "upstream's Connection: close relayed");
+    assert!(
+        !resp.headers().contains_key("connection"),
+        "upstream's Connection: close relayed"
+    );
     body_string(resp).await?;
     for _ in 0..3 {
         let resp = client::send(&mut sender, get("/inspect", "localhost:4096")).await?;
         assert_eq!(resp.status(), 200);
         body_string(resp).await?;
     }
-    assert!(!conn_done.is_finished(), "client connection must stay keep-alive");
-    assert_eq!(app.connections.load(Ordering::Relaxed), 2, "reconnected once, then pooled");
+    assert!(
+        !conn_done.is_finished(),
+        "client connection must stay keep-alive"
+    );
+    assert_eq!(
+        app.connections.load(Ordering::Relaxed),
+        2,
+        "reconnected once, then pooled"
+    );
     Ok(())
 }
 
@@ -291,7 +333,10 @@ async fn ipv6_only_upstream_is_reached_and_proxy_env_is_ignored() -> Result<()> 
 async fn upstream_failures_502_before_headers_abort_after() -> Result<()> {
     let (s, _app) = setup_with_app(&[]).await?;
     let (status, ct, _, body) = call(&s, get("/", "localhost:4999")).await?;
-    assert_eq!((status, ct.as_str(), body.as_str()), (502, "application/json", r#"{"error":"proxy_error"}"#));
+    assert_eq!(
+        (status, ct.as_str(), body.as_str()),
+        (502, "application/json", r#"{"error":"proxy_error"}"#)
+    );
 
     let (mut sender, conn_done) = client::http1(&s.topo.client, s.addr()).await?;
     let resp = client::send(&mut sender, get("/abort-after-headers", "localhost:4096")).await?;
@@ -323,13 +368,20 @@ async fn open_proxy_forms_and_ambiguous_framing_are_refused() -> Result<()> {
         let resp = raw_exchange(&s.topo.client, s.addr(), raw.as_bytes()).await?;
         assert!(resp.starts_with("HTTP/1.1 400"), "{name}: {resp:?}");
     }
-    assert_eq!(app.connections.load(Ordering::Relaxed), 0, "nothing reached the upstream");
+    assert_eq!(
+        app.connections.load(Ordering::Relaxed),
+        0,
+        "nothing reached the upstream"
+    );
 
     // A bad chunk size mid-body: 400 and close, never a complete request upstream.
     let raw = format!("POST /upload/1 HTTP/1.1\r\nHost: h\r\n{t}Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n");
     let resp = raw_exchange(&s.topo.client, s.addr(), raw.as_bytes()).await?;
     assert!(resp.starts_with("HTTP/1.1 400"), "bad chunk: {resp:?}");
-    assert!(!resp.contains("ok "), "upstream saw a complete body: {resp:?}");
+    assert!(
+        !resp.contains("ok "),
+        "upstream saw a complete body: {resp:?}"
+    );
     Ok(())
 }
 
@@ -342,29 +394,44 @@ async fn secret_is_required_compared_and_stripped_and_never_logged() -> Result<(
     for presented in [None, Some("wrong"), Some("correct-horse-battery-stapl")] {
         let mut req = get("/x", "localhost:4096");
         if let Some(p) = presented {
-            req.headers_mut().insert("x-iterate-project-ingress-secret", p.parse()?);
+            req.headers_mut()
+                .insert("x-iterate-project-ingress-secret", p.parse()?);
         }
         let (status, ct, _, body) = call(&s, req).await?;
-        assert_eq!((status, ct.as_str(), body.as_str()), (401, "application/json", unauthorized));
+        assert_eq!(
+            (status, ct.as_str(), body.as_str()),
+            (401, "application/json", unauthorized)
+        );
     }
     let mut req = get("/x", "localhost:4096");
-    req.headers_mut().insert("x-iterate-project-ingress-secret", secret.parse()?);
+    req.headers_mut()
+        .insert("x-iterate-project-ingress-secret", secret.parse()?);
     let (status, _, _, seen) = call(&s, req).await?;
     assert_eq!(status, 200);
     assert!(!seen.contains(secret), "secret forwarded: {seen}");
     // Upgrades need it too.
-    let (_, head, _) = client::upgrade(&s.topo.client, s.addr(), "localhost:4096", "websocket", "").await?;
+    let (_, head, _) =
+        client::upgrade(&s.topo.client, s.addr(), "localhost:4096", "websocket", "").await?;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     let logs = s.daemon.logs();
     assert!(!logs.contains(secret), "secret in logs");
-    let start = logs.lines().find(|l| l.contains("project-ingress-proxy started")).expect("start line");
-    assert!(start.contains("\"secret_auth\":true") && start.contains("\"listen\":\"0.0.0.0:8080\"") && start.contains("data_path"), "{start}");
+    let start = logs
+        .lines()
+        .find(|l| l.contains("project-ingress-proxy started"))
+        .expect("start line");
+    assert!(
+        start.contains("\"secret_auth\":true")
+            && start.contains("\"listen\":\"0.0.0.0:8080\"")
+            && start.contains("data_path"),
+        "{start}"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_get_431_and_slow_heads_time_out() -> Result<()> {
-    let (s, _app) = setup_with_app(&["--max-header-bytes", "16384", "--header-read-timeout", "1s"]).await?;
+    let (s, _app) =
+        setup_with_app(&["--max-header-bytes", "16384", "--header-read-timeout", "1s"]).await?;
     let big = "a".repeat(20_000);
     let raw = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Big: {big}\r\nX-Iterate-Proxy-Target-Host: localhost:{PORT}\r\n\r\n");
     let resp = raw_exchange(&s.topo.client, s.addr(), raw.as_bytes()).await?;
@@ -375,7 +442,10 @@ async fn oversized_heads_get_431_and_slow_heads_time_out() -> Result<()> {
     tokio::io::AsyncWriteExt::write_all(&mut stream, b"GET / HTTP/1.1\r\nHost: h\r\n").await?;
     let started = Instant::now();
     let _ = client::read_until_close(&mut stream, Duration::from_secs(10)).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "slow head not timed out");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "slow head not timed out"
+    );
     Ok(())
 }
 
@@ -389,7 +459,10 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> 
     s.daemon.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // No longer accepting…
-    assert!(s.topo.client.connect(s.addr()).await.is_err(), "still accepting after SIGTERM");
+    assert!(
+        s.topo.client.connect(s.addr()).await.is_err(),
+        "still accepting after SIGTERM"
+    );
     // …but the in-flight stream completes.
     app.sse_gate.add_permits(2);
     let mut events = 1;
@@ -410,7 +483,9 @@ async fn streamed_request_body_is_echoed_while_it_is_sent() -> Result<()> {
     // Echo: each chunk sent comes back before the next is sent (no full buffering).
     let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::channel::<Bytes>(1);
     let body = StreamBody::new(futures_util::stream::poll_fn(move |cx| {
-        chunk_rx.poll_recv(cx).map(|o| o.map(|b| Ok::<_, std::io::Error>(Frame::data(b))))
+        chunk_rx
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok::<_, std::io::Error>(Frame::data(b))))
     }));
     let req = Request::post("/echo")
         .header("x-iterate-proxy-target-host", "localhost:4096")
@@ -420,7 +495,9 @@ async fn streamed_request_body_is_echoed_while_it_is_sent() -> Result<()> {
     let resp = pending.await??;
     let mut body = resp.into_body();
     for next in ["second", "third"] {
-        let got = tokio::time::timeout(Duration::from_secs(5), body.frame()).await?.unwrap()?;
+        let got = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await?
+            .unwrap()?;
         assert!(got.is_data());
         chunk_tx.send(Bytes::from(next)).await?;
     }
@@ -440,14 +517,20 @@ async fn upstream_connect_timeout_is_502() -> Result<()> {
     let _listener = socket.listen(1)?;
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(300), s.topo.machine.connect(v4(6000))).await {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_millis(300), s.topo.machine.connect(v4(6000))).await
+        {
             fillers.push(c);
         }
     }
     let started = Instant::now();
     let (status, _, _, body) = call(&s, get("/", "localhost:6000")).await?;
     assert_eq!((status, body.as_str()), (502, r#"{"error":"proxy_error"}"#));
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(s.daemon.logs().contains("timed out"));
     Ok(())
 }

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 use tests::client;
 use tests::pattern::{self, Verifier};
 use tests::upstream::{header_value, HttpApp, RawUpgrade, RawUpgradeApp};
 use tests::{v4, Setup};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 /// The userspace data paths these tests pin down: `--splice off` with each relay.
 const MODES: &[&[&str]] = &[
@@ -29,13 +29,19 @@ async fn websocket_echo_with_subprotocol_and_origin() -> Result<()> {
     let mut req = format!("ws://{}/ws", s.addr()).into_client_request()?;
     let h = req.headers_mut();
     h.insert("host", "7681__mach_1.iterate.town".parse()?);
-    h.insert("x-iterate-proxy-target-host", "7681__mach_1.iterate.town".parse()?);
+    h.insert(
+        "x-iterate-proxy-target-host",
+        "7681__mach_1.iterate.town".parse()?,
+    );
     h.insert("origin", "https://7681__mach_1.iterate.town".parse()?);
     h.insert("sec-websocket-protocol", "tty".parse()?);
     let (mut ws, resp) = tokio_tungstenite::client_async(req, stream).await?;
     assert_eq!(resp.headers()["sec-websocket-protocol"], "tty");
     let seen = resp.headers()["x-inspect"].to_str()?.to_owned();
-    assert!(seen.contains("origin: https://7681__mach_1.iterate.town"), "{seen}");
+    assert!(
+        seen.contains("origin: https://7681__mach_1.iterate.town"),
+        "{seen}"
+    );
     assert!(seen.contains("host: localhost:7681"), "{seen}");
     assert!(!seen.contains("x-iterate-proxy-target-host"), "{seen}");
     for i in 0..500u64 {
@@ -43,7 +49,11 @@ async fn websocket_echo_with_subprotocol_and_origin() -> Result<()> {
         pattern::fill(i, 0, &mut payload);
         ws.send(Message::binary(payload.clone())).await?;
         let echoed = ws.next().await.expect("echo")?;
-        assert_eq!(echoed.into_data().as_ref(), payload.as_slice(), "message {i}");
+        assert_eq!(
+            echoed.into_data().as_ref(),
+            payload.as_slice(),
+            "message {i}"
+        );
     }
     ws.close(None).await?;
     Ok(())
@@ -72,9 +82,19 @@ async fn upgrade_goes_to_its_own_target_and_non_101_is_relayed() -> Result<()> {
     let accepted = tokio::time::timeout(Duration::from_secs(5), raw.accepted.recv())
         .await?
         .expect("upgrade reached port 5000");
-    assert!(accepted.head.starts_with("POST /rpc HTTP/1.1"), "{}", accepted.head);
-    assert_eq!(header_value(&accepted.head, "upgrade").as_deref(), Some("x-custom/1"));
-    assert_eq!(header_value(&accepted.head, "host").as_deref(), Some("localhost:5000"));
+    assert!(
+        accepted.head.starts_with("POST /rpc HTTP/1.1"),
+        "{}",
+        accepted.head
+    );
+    assert_eq!(
+        header_value(&accepted.head, "upgrade").as_deref(),
+        Some("x-custom/1")
+    );
+    assert_eq!(
+        header_value(&accepted.head, "host").as_deref(),
+        Some("localhost:5000")
+    );
     exchange_and_close(stream, Vec::new(), accepted.stream, 1 << 20).await?;
 
     // Upstream refuses the upgrade: its answer reaches the client as-is.
@@ -97,10 +117,16 @@ async fn bad_target_on_upgrade_is_400_with_close() -> Result<()> {
         client::upgrade(&s.topo.client, s.addr(), "example.com:80", "websocket", "").await?;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert_eq!(header_value(&head, "connection").as_deref(), Some("close"));
-    assert_eq!(header_value(&head, "content-type").as_deref(), Some("application/json"));
+    assert_eq!(
+        header_value(&head, "content-type").as_deref(),
+        Some("application/json")
+    );
     let rest = String::from_utf8(already)?
         + &client::read_until_close(&mut stream, Duration::from_secs(3)).await;
-    assert_eq!(rest, r#"{"error":"invalid_proxy_target_host"}"#, "then closed");
+    assert_eq!(
+        rest, r#"{"error":"invalid_proxy_target_host"}"#,
+        "then closed"
+    );
     Ok(())
 }
 
@@ -164,7 +190,8 @@ async fn bulk_both_ways_on_many_tunnels_is_byte_exact() -> Result<()> {
         let mut raw = RawUpgradeApp::start(s.topo.machine.listen(v4(5000))?, vec![])?;
         let mut pairs = Vec::new();
         for _ in 0..8 {
-            let (c, head, rest) = client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
+            let (c, head, rest) =
+                client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
             assert!(head.starts_with("HTTP/1.1 101") && rest.is_empty());
             let u = raw.accepted.recv().await.expect("accepted").stream;
             pairs.push((c, u));
@@ -184,7 +211,8 @@ async fn half_close_each_way_delivers_every_byte_first() -> Result<()> {
     let s = Setup::new(&["--splice", "off"]).await?;
     let mut raw = RawUpgradeApp::start(s.topo.machine.listen(v4(5000))?, vec![])?;
     for client_closes_first in [true, false] {
-        let (c, _, _) = client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
+        let (c, _, _) =
+            client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
         let u = raw.accepted.recv().await.expect("accepted").stream;
         let (mut first, mut second) = if client_closes_first { (c, u) } else { (u, c) };
         // First side sends 3 MiB and half-closes; second reads all of it and sees EOF,
@@ -208,7 +236,8 @@ async fn reset_on_one_side_resets_the_other() -> Result<()> {
     let s = Setup::new(&["--splice", "off"]).await?;
     let mut raw = RawUpgradeApp::start(s.topo.machine.listen(v4(5000))?, vec![])?;
     for client_resets in [true, false] {
-        let (c, _, _) = client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
+        let (c, _, _) =
+            client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
         let u = raw.accepted.recv().await.expect("accepted").stream;
         let (resetter, mut other) = if client_resets { (c, u) } else { (u, c) };
         socket2::SockRef::from(&resetter).set_linger(Some(Duration::ZERO))?;
@@ -232,7 +261,8 @@ async fn reset_on_one_side_resets_the_other() -> Result<()> {
 async fn shutdown_closes_tunnels_at_the_end_of_the_grace_period() -> Result<()> {
     let mut s = Setup::new(&["--splice", "off", "--shutdown-grace", "1s"]).await?;
     let mut raw = RawUpgradeApp::start(s.topo.machine.listen(v4(5000))?, vec![])?;
-    let (mut c, _, _) = client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
+    let (mut c, _, _) =
+        client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
     let _u = raw.accepted.recv().await.expect("accepted").stream;
     s.daemon.signal(libc::SIGTERM);
     assert_eq!(s.daemon.wait_exit(Duration::from_secs(5)).await?, Some(0));
@@ -317,7 +347,10 @@ pub async fn read_verify(
 pub async fn expect_eof(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<()> {
     let mut buf = [0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(10), r.read(&mut buf)).await??;
-    ensure!(n == 0, "{n} unexpected extra bytes (duplication?) instead of EOF");
+    ensure!(
+        n == 0,
+        "{n} unexpected extra bytes (duplication?) instead of EOF"
+    );
     Ok(())
 }
 
@@ -331,7 +364,8 @@ async fn measure_userspace_relays() -> Result<()> {
         let s = Setup::new(mode).await?;
         let mut raw = RawUpgradeApp::start(s.topo.machine.listen(v4(5000))?, vec![])?;
         for both_ways in [false, true] {
-            let (c, _, _) = client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
+            let (c, _, _) =
+                client::upgrade(&s.topo.client, s.addr(), "localhost:5000", "x", "").await?;
             let u = raw.accepted.recv().await.expect("accepted").stream;
             let cpu0 = machine_cpu_seconds();
             let t0 = std::time::Instant::now();
@@ -366,8 +400,14 @@ async fn measure_userspace_relays() -> Result<()> {
 /// Busy CPU seconds of the whole machine (all cores) from /proc/stat.
 fn machine_cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1)
-        .map(|v| v.parse().unwrap()).collect();
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect();
     // user nice system idle iowait irq softirq steal
     let busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + cpu[7];
     busy / 100.0

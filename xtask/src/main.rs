@@ -11,7 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, run, test and benchmark the ingress proxy")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, run, test and benchmark the ingress proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -127,9 +130,7 @@ fn cargo() -> String {
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

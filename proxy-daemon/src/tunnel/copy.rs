@@ -10,7 +10,11 @@ use super::{socket, RelayEnd, TunnelCounters};
 
 const BUFFER: usize = 64 * 1024;
 
-pub async fn relay(client: &TcpStream, upstream: &TcpStream, counters: &TunnelCounters) -> RelayEnd {
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+) -> RelayEnd {
     let up = one_way(client, upstream, &counters.client_to_upstream);
     let down = one_way(upstream, client, &counters.upstream_to_client);
     match tokio::try_join!(up, down) {

@@ -3,6 +3,7 @@
 //! then close/reset, one log line each at open and close); the relays move the bytes.
 
 pub mod copy;
+pub mod ebpf;
 pub mod socket;
 pub mod splice;
 
@@ -47,19 +48,22 @@ pub enum RelayEnd {
 }
 
 /// Which mechanism moves tunnel bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Relay {
     /// Userspace copy through a buffer (tokio readiness + read/write).
     Copy,
     /// `splice(2)` through a pipe: bytes stay in the kernel, the daemon still drives them.
     Splice,
+    /// In-kernel SOCKHASH splicing (eBPF stream verdict); the daemon only watches.
+    Ebpf(Arc<ebpf::Splicer>),
 }
 
 impl Relay {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Relay::Copy => "userspace-copy",
             Relay::Splice => "splice",
+            Relay::Ebpf(_) => "ebpf",
         }
     }
 }
@@ -82,12 +86,12 @@ impl Tunnels {
     }
 
     pub fn relay(&self) -> Relay {
-        self.relay
+        self.relay.clone()
     }
 
     /// Runs a tunnel once `upgraded` yields its sockets (after both sides' upgrades).
     pub fn spawn(&self, upgraded: impl Future<Output = Option<Tunnel>> + Send + 'static) {
-        let relay = self.relay;
+        let relay = self.relay.clone();
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             tokio::select! {
@@ -143,9 +147,10 @@ async fn run(tunnel: Tunnel, relay: Relay) {
     .await
     {
         Err(e) => RelayEnd::Reset(e.kind()),
-        Ok(()) => match relay {
+        Ok(()) => match &relay {
             Relay::Copy => copy::relay(&client, &upstream, &counters).await,
             Relay::Splice => splice::relay(&client, &upstream, &counters).await,
+            Relay::Ebpf(splicer) => ebpf::relay(splicer, &client, &upstream, &counters).await,
         },
     };
     if let RelayEnd::Reset(_) = end {

@@ -15,7 +15,11 @@ const CHUNK: usize = 1 << 20;
 /// Pipe capacity requested; bigger pipes mean fewer wake-ups on bulk transfers.
 const PIPE_CAPACITY: libc::c_int = 256 * 1024;
 
-pub async fn relay(client: &TcpStream, upstream: &TcpStream, counters: &TunnelCounters) -> RelayEnd {
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+) -> RelayEnd {
     let up = one_way(client, upstream, &counters.client_to_upstream);
     let down = one_way(upstream, client, &counters.upstream_to_client);
     match tokio::try_join!(up, down) {
