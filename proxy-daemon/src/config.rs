@@ -22,9 +22,11 @@ pub enum SpliceMode {
 /// How tunnels are relayed when the eBPF fast path is not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UserspaceRelay {
-    /// splice(2) through a pipe: bytes never enter the daemon's memory.
+    /// splice(2) through a pipe: bytes never enter the daemon's memory, but each active
+    /// direction holds a pipe (two more fds per direction).
     Splice,
-    /// read(2)/write(2) through a buffer.
+    /// read(2)/write(2) through a buffer that exists only while bytes move: two fds per
+    /// tunnel, nothing held while idle.
     Copy,
 }
 
@@ -66,7 +68,7 @@ pub struct Args {
 
     /// Relay used for tunnels that are not spliced by eBPF (`--splice off`, or `auto`
     /// when the fast path cannot load or does not pay).
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_USERSPACE_RELAY", value_enum, default_value_t = UserspaceRelay::Splice)]
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_USERSPACE_RELAY", value_enum, default_value_t = UserspaceRelay::Copy)]
     pub userspace_relay: UserspaceRelay,
 
     /// Read the ingress secret from this file (surrounding whitespace trimmed) instead of

@@ -39,7 +39,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )),
         // Evidence (docs/fastpath.md): on this kernel the SOCKHASH redirect path stalls
         // when a reader falls behind or data is queued at the handoff, so `auto` keeps
-        // the splice(2) relay until that is fixed; `--splice ebpf` forces the fast path.
+        // the userspace relay until that is fixed; `--splice ebpf` forces the fast path.
         SpliceMode::Auto => {
             tracing::info!(
                 ebpf_object_embedded = ebpf::object_embedded(),

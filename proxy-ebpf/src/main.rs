@@ -63,6 +63,16 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     }
     let mut peer = dir.peer;
+    if dir.budget == u32::MAX {
+        // Unlimited budget: plain redirect, no accounting (diagnostics / A-B runs).
+        let ret = SOCKS.redirect_skb(&ctx, &mut peer, 0);
+        if ret == SK_PASS as i64 {
+            dir.redirected += len as u64;
+        } else {
+            dir.dropped += len as u64;
+        }
+        return ret as u32;
+    }
     let Some(peer_seq) = peer_write_seq(&peer) else {
         dir.flags |= FLAG_PASSING | FLAG_PEER_GONE;
         dir.passed += len as u64;
