@@ -23,7 +23,7 @@ pub async fn relay(
     }
 }
 
-async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+pub(super) async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
     loop {
         from.readable().await?;
         let mut buf = vec![0u8; BUFFER];

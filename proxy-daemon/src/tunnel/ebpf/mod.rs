@@ -234,7 +234,7 @@ async fn direction(
     );
     wait_delivered(to, to_base, dir.redirected).await?;
     moved.fetch_add(dir.redirected, Ordering::Relaxed);
-    copy_one_way(from, to, moved).await
+    super::copy::one_way(from, to, moved).await
 }
 
 /// Waits until `redirected` bytes entered `to`'s TCP send stream since `base` (the kernel
@@ -253,21 +253,5 @@ async fn wait_delivered(to: &TcpStream, base: u64, redirected: u64) -> io::Resul
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_POLL);
-    }
-}
-
-async fn copy_one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        from.readable().await?;
-        match from.try_read(&mut buf) {
-            Ok(0) => return socket::shutdown_write(to),
-            Ok(n) => {
-                socket::write_all(to, &buf[..n]).await?;
-                moved.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
     }
 }
