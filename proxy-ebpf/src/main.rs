@@ -1,18 +1,22 @@
 //! In-kernel tunnel splicing.
 //!
-//! Both sockets of a tunnel sit in `SOCKS` (a SOCKHASH keyed by socket cookie). For every
-//! socket, a `stream_parser` that returns the whole skb makes the kernel read through
-//! `tcp_read_sock()` (which honours `copied_seq`, so retransmitted overlaps are not sent
-//! twice), and the `stream_verdict` redirects each non-empty skb to the peer's egress.
+//! Every tunnel socket sits in `TARGETS` (a SOCKHASH with no programs, keyed by socket
+//! cookie): that gives it a psock whose backlog sends the skbs redirected to it. A socket
+//! whose incoming bytes are spliced also sits in `SOCKS`, where a `stream_parser` and a
+//! `stream_verdict` are attached: the parser makes the kernel read through strparser
+//! (`tcp_read_sock()`, which honours `copied_seq`, so retransmitted overlaps are not sent
+//! twice) and the verdict redirects each message to the peer's egress.
 //!
 //! Memory: a redirected skb is uncharged from its source socket and queued on the peer's
-//! psock without limit. The verdict therefore keeps, per direction, the bytes redirected
-//! minus the bytes that entered the peer's TCP send stream (`tcp_sock.write_seq`, read
-//! through `bpf_skc_to_tcp_sock`). When one more skb would exceed the direction's budget,
-//! the direction flips to `SK_PASS` for good: bytes go to the source socket's own queue
-//! (charged to it, so its receive window closes) and the daemon relays them once every
-//! redirected byte is in the peer's stream. Order holds: strparser hands skbs over in
-//! sequence, and every byte after the flip is passed.
+//! psock without limit, so the verdict keeps, per direction, the bytes redirected minus
+//! the bytes that entered the peer's TCP send stream (`tcp_sock.write_seq`). Past the
+//! budget it asks the daemon (ring buffer `EVENTS`) to take the direction over. The
+//! daemon removes the source socket from `SOCKS` (its parser and verdict stop, its psock
+//! stays because it is still in `TARGETS`), waits until every redirected byte is in the
+//! peer's stream, then relays the direction itself from the socket's ordinary receive
+//! queue, whose window closes when the daemon falls behind. The verdict never passes
+//! bytes to the socket's own psock: on this kernel that corrupts `copied_seq` (see
+//! docs/fastpath.md).
 #![no_std]
 #![no_main]
 
@@ -22,14 +26,25 @@ use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
     macros::{map, stream_parser, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::info;
-use proxy_common::{Direction, FLAG_BASE_SET, FLAG_PASSING, FLAG_PEER_GONE, MAX_SOCKETS};
+use proxy_common::{
+    Direction, FLAG_BASE_SET, FLAG_OVER_BUDGET, FLAG_PEER_GONE, FLAG_SEQ_SET, MAX_SOCKETS,
+};
 
+/// Sockets whose incoming bytes are spliced (parser and verdict attached).
 #[map]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Every socket of a spliced tunnel: redirect targets (no programs).
+#[map]
+static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+/// Cookies of sockets whose direction went over budget, for the daemon.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[map]
 static DIRECTIONS: HashMap<u64, Direction> = HashMap::with_max_entries(MAX_SOCKETS, 0);
@@ -39,17 +54,59 @@ static DIRECTIONS: HashMap<u64, Direction> = HashMap::with_max_entries(MAX_SOCKE
 #[no_mangle]
 static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
 
+/// `offsetof(struct tcp_sock, copied_seq)`, set the same way.
+#[no_mangle]
+static TCP_SOCK_COPIED_SEQ_OFFSET: u32 = 0;
+
 #[stream_parser]
 pub fn parser(ctx: SkBuffContext) -> u32 {
-    // One message per skb: no framing, just make strparser (tcp_read_sock) do the reads.
-    ctx.len()
+    // One message per skb, holding every byte of it not yet handed out. strparser gives
+    // the parser a clone of the whole queued skb, and the message starts at an offset
+    // into it whenever part of that skb was consumed before (bytes userspace read before
+    // the handoff, a retransmit overlapping bytes already read, data TCP coalesced onto a
+    // partly read skb). Returning `skb->len` there claims `offset` bytes too many, so
+    // strparser waits for that many more bytes before it delivers anything: the tail of
+    // every burst is held back until the next one arrives, and a tunnel whose peers wait
+    // on each other stalls. So the parser tracks, per socket, the sequence number where
+    // the next message starts and returns the bytes from there to the skb's end.
+    let len = ctx.len();
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let Some(dir) = DIRECTIONS.get_ptr_mut(&cookie) else {
+        return len;
+    };
+    let dir = unsafe { &mut *dir };
+    // `TCP_SKB_CB(skb)->seq`: the first word of skb->cb, which strparser's clone copies
+    // and never overwrites (its own state lives after the 20 bytes the program sees).
+    let Some(&seq) = ctx.cb().first() else {
+        return len;
+    };
+    let start = if dir.flags & FLAG_SEQ_SET != 0 {
+        dir.next_seq
+    } else {
+        // First message since the socket entered the map: strparser starts reading at
+        // the socket's `copied_seq` (whatever userspace read before stays read).
+        let off = unsafe { core::ptr::read_volatile(&TCP_SOCK_COPIED_SEQ_OFFSET) };
+        sock_u32(&cookie, off).unwrap_or(seq)
+    };
+    let offset = start.wrapping_sub(seq);
+    dir.next_seq = seq.wrapping_add(len);
+    dir.flags |= FLAG_SEQ_SET;
+    let msg_len = if offset < len {
+        len - offset
+    } else {
+        // Cannot happen (strparser only reads skbs with unread bytes); count it so the
+        // tests see it, and fall back to the whole skb.
+        dir.misparsed += 1;
+        len
+    };
+    dir.msg_len = msg_len;
+    msg_len
 }
 
 #[stream_verdict]
 pub fn verdict(ctx: SkBuffContext) -> u32 {
-    let len = ctx.len();
-    if len == 0 {
-        // The FIN's empty skb: redirecting it breaks the peer, passing it stalls.
+    if ctx.len() == 0 {
+        // An empty skb (a FIN): redirecting it breaks the peer, passing it stalls.
         return SK_DROP;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
@@ -58,78 +115,80 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     };
     let dir = unsafe { &mut *dir };
-    if dir.flags & FLAG_PASSING != 0 {
-        dir.passed += len as u64;
-        return SK_PASS;
-    }
+    // The message's length as the parser computed it (the skb may start with bytes
+    // that were consumed before; the kernel sends only the message's own bytes).
+    let len = dir.msg_len;
     let mut peer = dir.peer;
-    if dir.budget == u32::MAX {
-        // Unlimited budget: plain redirect, no accounting (diagnostics / A-B runs).
-        let ret = SOCKS.redirect_skb(&ctx, &mut peer, 0);
-        if ret == SK_PASS as i64 {
-            dir.redirected += len as u64;
-        } else {
-            dir.dropped += len as u64;
+    if dir.budget != u32::MAX && dir.flags & FLAG_OVER_BUDGET == 0 {
+        match peer_write_seq(&peer) {
+            Some(peer_seq) => {
+                if dir.flags & FLAG_BASE_SET == 0 {
+                    dir.base_seq = peer_seq;
+                    dir.flags |= FLAG_BASE_SET;
+                }
+                let in_stream = peer_seq.wrapping_sub(dir.base_seq);
+                let outstanding = (dir.redirected as u32).wrapping_sub(in_stream) as i32;
+                let outstanding = if outstanding < 0 {
+                    0
+                } else {
+                    outstanding as u64
+                };
+                let queued = outstanding + len as u64;
+                if queued > dir.max_outstanding {
+                    dir.max_outstanding = queued;
+                }
+                if queued > dir.budget as u64 {
+                    // Keep redirecting (nothing else is lossless here) until the
+                    // daemon takes the socket out of SOCKS; tell it once.
+                    dir.flags |= FLAG_OVER_BUDGET;
+                    let _ = EVENTS.output::<u64>(&cookie, 0);
+                    info!(
+                        &ctx,
+                        "fastpath: socket {} over budget ({} bytes queued for peer), handing the direction to the daemon",
+                        cookie,
+                        outstanding
+                    );
+                }
+            }
+            None => dir.flags |= FLAG_PEER_GONE,
         }
-        return ret as u32;
     }
-    let Some(peer_seq) = peer_write_seq(&peer) else {
-        dir.flags |= FLAG_PASSING | FLAG_PEER_GONE;
-        dir.passed += len as u64;
-        return SK_PASS;
-    };
-    if dir.flags & FLAG_BASE_SET == 0 {
-        dir.base_seq = peer_seq;
-        dir.flags |= FLAG_BASE_SET;
-    }
-    let in_stream = peer_seq.wrapping_sub(dir.base_seq);
-    let outstanding = (dir.redirected as u32).wrapping_sub(in_stream) as i32;
-    let outstanding = if outstanding < 0 { 0 } else { outstanding as u64 };
-    if outstanding + len as u64 > dir.budget as u64 {
-        dir.flags |= FLAG_PASSING;
-        dir.passed += len as u64;
-        info!(
-            &ctx,
-            "fastpath: socket {} over budget ({} bytes queued for peer), relaying in userspace",
-            cookie,
-            outstanding
-        );
-        return SK_PASS;
-    }
-    let ret = SOCKS.redirect_skb(&ctx, &mut peer, 0);
+    let ret = TARGETS.redirect_skb(&ctx, &mut peer, 0);
     if ret == SK_PASS as i64 {
         dir.redirected += len as u64;
-        let queued = outstanding + len as u64;
-        if queued > dir.max_outstanding {
-            dir.max_outstanding = queued;
-        }
     } else {
         dir.dropped += len as u64;
     }
     ret as u32
 }
 
-/// The peer socket's `write_seq` (bytes that entered its TCP send stream).
+/// The `u32` at byte `offset` of the `tcp_sock` of the tunnel socket stored under `cookie`.
 #[inline(always)]
-fn peer_write_seq(peer: &u64) -> Option<u32> {
+fn sock_u32(cookie: &u64, offset: u32) -> Option<u32> {
     unsafe {
         let sk = bpf_map_lookup_elem(
-            &SOCKS as *const _ as *mut c_void,
-            peer as *const u64 as *const c_void,
+            &TARGETS as *const _ as *mut c_void,
+            cookie as *const u64 as *const c_void,
         );
         if sk.is_null() {
             return None;
         }
         let tp = bpf_skc_to_tcp_sock(sk);
-        let seq = if tp.is_null() {
+        let value = if tp.is_null() {
             None
         } else {
-            let off = core::ptr::read_volatile(&TCP_SOCK_WRITE_SEQ_OFFSET) as usize;
-            Some(*((tp as *const u8).add(off) as *const u32))
+            Some(*((tp as *const u8).add(offset as usize) as *const u32))
         };
         bpf_sk_release(sk);
-        seq
+        value
     }
+}
+
+/// The peer socket's `write_seq` (bytes that entered its TCP send stream).
+#[inline(always)]
+fn peer_write_seq(peer: &u64) -> Option<u32> {
+    let off = unsafe { core::ptr::read_volatile(&TCP_SOCK_WRITE_SEQ_OFFSET) };
+    sock_u32(peer, off)
 }
 
 #[cfg(not(test))]

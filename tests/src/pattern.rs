@@ -55,6 +55,25 @@ pub fn check(seed: u64, offset: u64, buf: &[u8]) -> Result<(), u64> {
     wrong.map_or(Ok(()), Err)
 }
 
+/// Streaming verifier: feed it what arrives, in order.
+pub struct Verifier {
+    seed: u64,
+    pub received: u64,
+}
+
+impl Verifier {
+    pub fn new(seed: u64) -> Self {
+        Verifier { seed, received: 0 }
+    }
+
+    pub fn feed(&mut self, buf: &[u8]) -> anyhow::Result<()> {
+        check(self.seed, self.received, buf)
+            .map_err(|at| anyhow::anyhow!("stream {:#x}: wrong byte at offset {at}", self.seed))?;
+        self.received += buf.len() as u64;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,24 +94,5 @@ mod tests {
                 "a shifted stream must not pass"
             );
         }
-    }
-}
-
-/// Streaming verifier: feed it what arrives, in order.
-pub struct Verifier {
-    seed: u64,
-    pub received: u64,
-}
-
-impl Verifier {
-    pub fn new(seed: u64) -> Self {
-        Verifier { seed, received: 0 }
-    }
-
-    pub fn feed(&mut self, buf: &[u8]) -> anyhow::Result<()> {
-        check(self.seed, self.received, buf)
-            .map_err(|at| anyhow::anyhow!("stream {:#x}: wrong byte at offset {at}", self.seed))?;
-        self.received += buf.len() as u64;
-        Ok(())
     }
 }

@@ -217,8 +217,12 @@ impl Daemon {
             }
         };
         let l2 = log.clone();
+        let echo = std::env::var_os("FASTPATH_ECHO_LOG").is_some();
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
+                if echo {
+                    eprintln!("daemon: {line}");
+                }
                 l2.lock().unwrap().push(line);
             }
         });
@@ -659,7 +663,6 @@ fn mem_available_kib() -> i64 {
 const MIB: u64 = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure of the eBPF fast path (issue 3 open); run by `cargo xtask torture`"]
 async fn bulk_both_ways_many_tunnels() {
     let daemon = Daemon::start(&mode()).await;
     let upstream = Upstream::start().await;
@@ -751,7 +754,6 @@ async fn bursts_of_small_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure of the eBPF fast path (issue 3 open); run by `cargo xtask torture`"]
 async fn leftover_and_queued_bytes() {
     let daemon = Daemon::start(&mode()).await;
     let upstream = Upstream::start().await;
@@ -834,7 +836,6 @@ async fn slow_reader(client_slow: bool) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure of the eBPF fast path (issue 3 open); run by `cargo xtask torture`"]
 async fn slow_client_reader_bounded_memory() {
     slow_reader(true).await;
 }
@@ -845,7 +846,6 @@ async fn slow_upstream_reader_bounded_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure of the eBPF fast path (issue 3 open); run by `cargo xtask torture`"]
 async fn half_close_each_way() {
     let daemon = Daemon::start(&mode()).await;
     let upstream = Upstream::start().await;

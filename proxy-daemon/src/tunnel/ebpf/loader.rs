@@ -1,14 +1,19 @@
 //! Loads the embedded eBPF object once at start-up and owns its maps.
 
+use std::collections::HashMap as StdHashMap;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use proxy_common::{Direction, DIRECTIONS_MAP, SOCKS_MAP, WRITE_SEQ_OFFSET_GLOBAL};
+use proxy_common::{
+    Direction, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP, SOCKS_MAP, TARGETS_MAP,
+    WRITE_SEQ_OFFSET_GLOBAL,
+};
 use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use super::btf;
 
@@ -25,8 +30,11 @@ pub fn object_embedded() -> bool {
 /// The loaded programs and their maps. The maps are not pinned: they (and every socket
 /// reference in them) go away with the process, so a crash never leaves a socket spliced.
 pub struct Splicer {
-    pub(super) socks: Mutex<SockHash<MapData, u64>>,
-    pub(super) directions: Mutex<HashMap<MapData, u64, Direction>>,
+    socks: Mutex<SockHash<MapData, u64>>,
+    targets: Mutex<SockHash<MapData, u64>>,
+    directions: Mutex<HashMap<MapData, u64, Direction>>,
+    /// Per spliced source socket: woken when its direction goes over budget.
+    over_budget: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
     pub(super) budget: u32,
     _ebpf: Ebpf,
 }
@@ -56,8 +64,11 @@ impl Splicer {
         }
         let write_seq_offset = btf::member_offset("tcp_sock", "write_seq")
             .context("finding tcp_sock.write_seq in the kernel's BTF")?;
+        let copied_seq_offset = btf::member_offset("tcp_sock", "copied_seq")
+            .context("finding tcp_sock.copied_seq in the kernel's BTF")?;
         let mut ebpf = EbpfLoader::new()
             .override_global(WRITE_SEQ_OFFSET_GLOBAL, &write_seq_offset, true)
+            .override_global(COPIED_SEQ_OFFSET_GLOBAL, &copied_seq_offset, true)
             .load(OBJECT)
             .context("loading the eBPF object (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -68,10 +79,20 @@ impl Splicer {
             ebpf.take_map(SOCKS_MAP)
                 .with_context(|| format!("map {SOCKS_MAP} missing"))?,
         )?;
+        let targets: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map(TARGETS_MAP)
+                .with_context(|| format!("map {TARGETS_MAP} missing"))?,
+        )?;
         let directions: HashMap<MapData, u64, Direction> = HashMap::try_from(
             ebpf.take_map(DIRECTIONS_MAP)
                 .with_context(|| format!("map {DIRECTIONS_MAP} missing"))?,
         )?;
+        let events = RingBuf::try_from(
+            ebpf.take_map(EVENTS_MAP)
+                .with_context(|| format!("map {EVENTS_MAP} missing"))?,
+        )?;
+        let over_budget = Arc::new(Mutex::new(StdHashMap::new()));
+        spawn_event_reader(events, over_budget.clone())?;
         for name in ["parser", "verdict"] {
             let prog: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -84,15 +105,17 @@ impl Splicer {
         }
         Ok(Splicer {
             socks: Mutex::new(socks),
+            targets: Mutex::new(targets),
             directions: Mutex::new(directions),
+            over_budget,
             budget,
             _ebpf: ebpf,
         })
     }
 
-    /// Entries in the socket map (two per spliced tunnel).
+    /// Entries in the socket maps (`SOCKS` + `TARGETS`).
     pub fn sockets_in_map(&self) -> usize {
-        self.socks.lock().unwrap().keys().count()
+        self.socks.lock().unwrap().keys().count() + self.targets.lock().unwrap().keys().count()
     }
 
     /// Entries in the direction map (two per spliced tunnel).
@@ -109,21 +132,85 @@ impl Splicer {
         Ok(())
     }
 
-    pub(super) fn insert_socket(&self, cookie: u64, fd: &impl AsRawFd) -> std::io::Result<()> {
-        self.socks
-            .lock()
-            .unwrap()
-            .insert(cookie, fd.as_raw_fd(), 0)
-            .map_err(|e| match e {
-                aya::maps::MapError::SyscallError(s) => s.io_error,
-                other => std::io::Error::other(other.to_string()),
-            })
+    /// Puts a tunnel socket in `TARGETS` (gives it a psock the verdict can redirect to).
+    pub(super) fn insert_target(&self, cookie: u64, fd: &impl AsRawFd) -> std::io::Result<()> {
+        insert(&self.targets, cookie, fd)
     }
 
+    /// Puts a socket in `SOCKS`: from now on the kernel splices its incoming bytes.
+    pub(super) fn splice_source(&self, cookie: u64, fd: &impl AsRawFd) -> std::io::Result<()> {
+        insert(&self.socks, cookie, fd)
+    }
+
+    /// Takes a socket out of `SOCKS`: its parser and verdict stop (after any pass in
+    /// flight), its psock and the bytes queued to it stay (it is still in `TARGETS`).
+    pub(super) fn unsplice_source(&self, cookie: u64) {
+        let _ = self.socks.lock().unwrap().remove(&cookie);
+    }
+
+    /// A notifier woken (with a stored permit) when `cookie`'s direction goes over budget.
+    pub(super) fn watch_budget(&self, cookie: u64) -> Arc<Notify> {
+        self.over_budget
+            .lock()
+            .unwrap()
+            .entry(cookie)
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets everything about a tunnel socket. Call only when nothing is queued in its
+    /// psock any more: leaving `TARGETS` drops the psock and its queues.
     pub(super) fn remove(&self, cookie: u64) {
         let _ = self.socks.lock().unwrap().remove(&cookie);
+        let _ = self.targets.lock().unwrap().remove(&cookie);
         let _ = self.directions.lock().unwrap().remove(&cookie);
+        self.over_budget.lock().unwrap().remove(&cookie);
     }
+}
+
+fn insert(
+    map: &Mutex<SockHash<MapData, u64>>,
+    cookie: u64,
+    fd: &impl AsRawFd,
+) -> std::io::Result<()> {
+    map.lock()
+        .unwrap()
+        .insert(cookie, fd.as_raw_fd(), 0)
+        .map_err(|e| match e {
+            aya::maps::MapError::SyscallError(s) => s.io_error,
+            other => std::io::Error::other(other.to_string()),
+        })
+}
+
+/// Reads over-budget events and wakes the tunnel watching that socket.
+fn spawn_event_reader(
+    events: RingBuf<MapData>,
+    over_budget: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
+) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd and keeps it open until it is dropped
+    // together with the AsyncFd.
+    let mut fd = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+        .context("watching the eBPF event ring buffer")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) else {
+                    continue;
+                };
+                let cookie = u64::from_ne_bytes(bytes);
+                let notify = over_budget.lock().unwrap().get(&cookie).cloned();
+                if let Some(n) = notify {
+                    n.notify_one();
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

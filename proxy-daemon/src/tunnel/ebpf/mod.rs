@@ -1,7 +1,9 @@
-//! In-kernel fast path: both tunnel sockets go into a SOCKHASH whose stream verdict
-//! redirects each skb to the other socket's egress (see `proxy-ebpf`). The daemon only
-//! watches for the end of the tunnel (FIN, reset, or a direction that went over its
-//! memory budget and must be relayed here); redirected bytes never wake it.
+//! In-kernel fast path: each tunnel socket goes into `TARGETS` (so it has a psock the
+//! other side's bytes can be redirected to) and into `SOCKS`, whose stream verdict
+//! redirects its incoming bytes to the other socket's egress (see `proxy-ebpf`). The
+//! daemon only watches for the end of each direction (FIN, reset) and for the verdict's
+//! over-budget event, after which it takes the socket out of `SOCKS` and relays that
+//! direction itself; redirected bytes never wake it.
 
 mod btf;
 mod loader;
@@ -12,7 +14,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use proxy_common::{Direction, FLAG_PASSING, FLAG_PEER_GONE};
+use proxy_common::Direction;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -33,6 +35,11 @@ struct Entries<'a> {
 
 impl Drop for Entries<'_> {
     fn drop(&mut self) {
+        // Both sources leave SOCKS before either socket leaves TARGETS: a verdict must
+        // never redirect to a socket that is gone.
+        for &c in &self.cookies {
+            self.splicer.unsplice_source(c);
+        }
         for &c in &self.cookies {
             self.splicer.remove(c);
         }
@@ -47,7 +54,7 @@ pub async fn relay(
 ) -> RelayEnd {
     let (c, u) = match (sys::cookie(client), sys::cookie(upstream)) {
         (Ok(c), Ok(u)) => (c, u),
-        _ => return super::splice::relay(client, upstream, counters).await,
+        _ => return super::copy::relay(client, upstream, counters).await,
     };
     // Where each send stream stands before any byte is redirected into it.
     let (client_base, upstream_base) =
@@ -59,60 +66,71 @@ pub async fn relay(
         splicer,
         cookies: Vec::with_capacity(2),
     };
-    // Directions first: the verdict finds its peer as soon as a socket is in the map.
+    // Directions first (the verdict finds its peer as soon as a socket is in SOCKS),
+    // then both sockets as redirect targets. A socket that already received a FIN is
+    // refused (EOPNOTSUPP): then the whole tunnel is relayed here.
     for (from, to) in [(c, u), (u, c)] {
         let dir = Direction {
             peer: to,
             budget: splicer.budget,
             ..Default::default()
         };
+        entries.cookies.push(from);
         if let Err(e) = splicer.insert_direction(from, dir) {
             tracing::debug!(error = %e, "fast path: direction map insert failed, relaying in userspace");
             drop(entries);
-            return super::splice::relay(client, upstream, counters).await;
+            return super::copy::relay(client, upstream, counters).await;
         }
-        entries.cookies.push(from);
     }
-    // Upstream first, then client; a socket that already received a FIN is refused
-    // (EOPNOTSUPP).
-    if let Err(e) = splicer.insert_socket(u, upstream) {
-        tracing::debug!(error = %e, "fast path: upstream socket not spliceable, relaying in userspace");
-        drop(entries);
-        return super::splice::relay(client, upstream, counters).await;
-    }
-    if let Err(e) = splicer.insert_socket(c, client) {
-        // The upstream socket is in the map and may already have passed or redirected
-        // bytes (redirects to a missing peer flip its direction to pass). Keep it there:
-        // mark it passing and read it through its psock with the plain copy relay.
-        tracing::debug!(error = %e, "fast path: client socket not spliceable, relaying in userspace");
-        if let Some(mut dir) = splicer.direction(u) {
-            dir.flags |= FLAG_PASSING | FLAG_PEER_GONE;
-            let _ = splicer.insert_direction(u, dir);
+    for (cookie, s) in [(u, upstream), (c, client)] {
+        if let Err(e) = splicer.insert_target(cookie, s) {
+            tracing::debug!(error = %e, "fast path: socket not spliceable, relaying in userspace");
+            drop(entries);
+            return super::copy::relay(client, upstream, counters).await;
         }
-        let end = wait_then_copy(splicer, u, client, client_base, upstream, counters).await;
-        drop(entries);
-        return end;
     }
+    // Then each socket as a source. One that is refused (its FIN arrived meanwhile)
+    // leaves just its direction to the daemon.
+    let up_budget = splicer.watch_budget(c);
+    let down_budget = splicer.watch_budget(u);
+    let mut spliced = [false; 2];
+    for (i, (cookie, s)) in [(u, upstream), (c, client)].into_iter().enumerate() {
+        match splicer.splice_source(cookie, s) {
+            Ok(()) => spliced[i] = true,
+            Err(e) => tracing::debug!(error = %e, "fast path: one direction relayed in userspace"),
+        }
+    }
+    let [down_spliced, up_spliced] = spliced;
     // Bytes queued before insertion wait for new data unless poked.
-    for s in [client, upstream] {
-        if let Err(e) = sys::kick_queued(s) {
-            return RelayEnd::Reset(e.kind());
+    for (s, on) in [(client, up_spliced), (upstream, down_spliced)] {
+        if on {
+            if let Err(e) = sys::kick_queued(s) {
+                return RelayEnd::Reset(e.kind());
+            }
         }
     }
     let up = direction(
         splicer,
-        c,
-        client,
-        upstream,
-        upstream_base,
+        Way {
+            from_cookie: c,
+            from: client,
+            to: upstream,
+            to_base: upstream_base,
+            spliced: up_spliced,
+            over_budget: &up_budget,
+        },
         &counters.client_to_upstream,
     );
     let down = direction(
         splicer,
-        u,
-        upstream,
-        client,
-        client_base,
+        Way {
+            from_cookie: u,
+            from: upstream,
+            to: client,
+            to_base: client_base,
+            spliced: down_spliced,
+            over_budget: &down_budget,
+        },
         &counters.upstream_to_client,
     );
     let both = async { tokio::try_join!(up, down) };
@@ -128,24 +146,16 @@ pub async fn relay(
     end
 }
 
-/// The upstream socket is in the map, the client is not: upstream→client waits for any
-/// redirected bytes then copies; client→upstream is a plain copy.
-async fn wait_then_copy(
-    splicer: &Splicer,
-    u: u64,
-    client: &TcpStream,
-    client_base: u64,
-    upstream: &TcpStream,
-    counters: &TunnelCounters,
-) -> RelayEnd {
-    let redirected = splicer.direction(u).map(|d| d.redirected).unwrap_or(0);
-    if let Err(e) = wait_delivered(client, client_base, redirected).await {
-        return RelayEnd::Reset(e.kind());
-    }
-    counters
-        .upstream_to_client
-        .fetch_add(redirected, Ordering::Relaxed);
-    super::copy::relay(client, upstream, counters).await
+/// One direction of a tunnel.
+struct Way<'a> {
+    from_cookie: u64,
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    /// `to`'s send-stream position before anything was redirected into it.
+    to_base: u64,
+    /// Whether `from` is in SOCKS (its bytes are redirected by the kernel).
+    spliced: bool,
+    over_budget: &'a tokio::sync::Notify,
 }
 
 /// Clears tokio's read readiness so the next `readable()` waits for a new kernel event.
@@ -181,42 +191,58 @@ async fn watch_error(s: &TcpStream) -> io::Error {
     }
 }
 
-/// One direction while it is spliced: sleeps until the source socket signals (FIN,
-/// passed bytes after a budget flip), then finishes the direction.
-async fn direction(
-    splicer: &Splicer,
-    from_cookie: u64,
-    from: &TcpStream,
-    to: &TcpStream,
-    to_base: u64,
-    moved: &AtomicU64,
-) -> io::Result<()> {
-    let mut delay = Duration::from_millis(1);
-    loop {
-        let p = sys::peek(from);
-        tracing::trace!(from_cookie, peek = ?p, "fast path: direction check");
-        match p {
-            Ok(0) => {
-                // EOF, and nothing left unparsed in front of it.
+/// One direction: while spliced, sleeps until the source's EOF (then finishes it once
+/// every redirected byte is in `to`'s stream) or until the verdict reports it over
+/// budget (then takes it out of the kernel and relays it here).
+async fn direction(splicer: &Splicer, way: Way<'_>, moved: &AtomicU64) -> io::Result<()> {
+    let Way {
+        from_cookie,
+        from,
+        to,
+        to_base,
+        spliced,
+        over_budget,
+    } = way;
+    if spliced {
+        tokio::select! {
+            r = wait_eof(from) => {
+                r?;
                 let dir = splicer.direction(from_cookie).unwrap_or_default();
-                if dir.flags & FLAG_PASSING != 0 {
-                    break;
-                }
                 wait_delivered(to, to_base, dir.redirected).await?;
                 moved.fetch_add(dir.redirected, Ordering::Relaxed);
                 return socket::shutdown_write(to);
             }
-            Ok(_) => {
-                let dir = splicer.direction(from_cookie).unwrap_or_default();
-                if dir.flags & FLAG_PASSING != 0 {
-                    break;
-                }
-                // Queued but not yet through the stream parser (its work runs soon).
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_POLL);
-            }
+            _ = over_budget.notified() => {}
+        }
+        splicer.unsplice_source(from_cookie);
+        // A strparser pass still running on another CPU holds the socket lock; this
+        // takes it too, so the verdict's count below is final.
+        sys::stream_position(from)?;
+        let dir = splicer.direction(from_cookie).unwrap_or_default();
+        tracing::debug!(
+            redirected = dir.redirected,
+            budget = dir.budget,
+            max_outstanding = dir.max_outstanding,
+            "fast path: direction over budget, relaying it in userspace"
+        );
+        wait_delivered(to, to_base, dir.redirected).await?;
+        moved.fetch_add(dir.redirected, Ordering::Relaxed);
+    }
+    if drain_queued(from, to, moved).await? {
+        return Ok(());
+    }
+    super::copy::one_way(from, to, moved).await
+}
+
+/// Resolves at the spliced socket's EOF with nothing unparsed in front of it.
+async fn wait_eof(from: &TcpStream) -> io::Result<()> {
+    loop {
+        match sys::peek(from) {
+            Ok(0) => return Ok(()),
+            // The verdict never passes bytes to the socket itself, so there is nothing
+            // to read; the parser just has not reached the FIN yet.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                delay = Duration::from_millis(1);
                 from.readable().await?;
                 clear_readable(from);
             }
@@ -224,17 +250,31 @@ async fn direction(
             Err(e) => return Err(e),
         }
     }
-    // Over budget (or peer vanished): the verdict now passes every byte to `from`'s own
-    // queue. Once every redirected byte is in `to`'s stream, relay the rest here.
-    let dir = splicer.direction(from_cookie).unwrap_or_default();
-    tracing::debug!(
-        redirected = dir.redirected,
-        budget = dir.budget,
-        "fast path: direction over budget, relaying it in userspace"
-    );
-    wait_delivered(to, to_base, dir.redirected).await?;
-    moved.fetch_add(dir.redirected, Ordering::Relaxed);
-    super::copy::one_way(from, to, moved).await
+}
+
+/// Relays what `from` already holds with plain syscalls; true when that reached EOF.
+///
+/// The watch loop above clears tokio's read readiness before it peeks, so when it sees
+/// the budget flip the passed bytes may already be queued with no readiness left. The
+/// sender, its window closed by those very bytes, sends nothing more to raise a new
+/// edge; waiting for readiness here would wait for ever.
+async fn drain_queued(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<bool> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match sys::recv(from, &mut buf) {
+            Ok(0) => {
+                socket::shutdown_write(to)?;
+                return Ok(true);
+            }
+            Ok(n) => {
+                socket::write_all(to, &buf[..n]).await?;
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Waits until `redirected` bytes entered `to`'s TCP send stream since `base` (the kernel
@@ -242,9 +282,20 @@ async fn direction(
 async fn wait_delivered(to: &TcpStream, base: u64, redirected: u64) -> io::Result<()> {
     let mut delay = Duration::from_micros(200);
     tracing::trace!(base, redirected, pos = ?sys::stream_position(to), "fast path: waiting for delivery");
+    let started = std::time::Instant::now();
+    let mut warned = false;
     loop {
-        if sys::stream_position(to)?.wrapping_sub(base) >= redirected {
+        let delivered = sys::stream_position(to)?.wrapping_sub(base);
+        if delivered >= redirected {
             return Ok(());
+        }
+        if !warned && started.elapsed() > Duration::from_secs(2) {
+            warned = true;
+            tracing::warn!(
+                delivered,
+                redirected,
+                "fast path: redirected bytes still not delivered after 2 s"
+            );
         }
         if sys::tcp_state(to)? == TCP_CLOSE {
             return Err(
