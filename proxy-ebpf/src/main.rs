@@ -119,7 +119,7 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
     // that were consumed before; the kernel sends only the message's own bytes).
     let len = dir.msg_len;
     let mut peer = dir.peer;
-    if dir.budget != u32::MAX && dir.flags & FLAG_OVER_BUDGET == 0 {
+    if dir.budget != u32::MAX {
         match peer_write_seq(&peer) {
             Some(peer_seq) => {
                 if dir.flags & FLAG_BASE_SET == 0 {
@@ -128,16 +128,12 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
                 }
                 let in_stream = peer_seq.wrapping_sub(dir.base_seq);
                 let outstanding = (dir.redirected as u32).wrapping_sub(in_stream) as i32;
-                let outstanding = if outstanding < 0 {
-                    0
-                } else {
-                    outstanding as u64
-                };
+                let outstanding = if outstanding < 0 { 0 } else { outstanding as u64 };
                 let queued = outstanding + len as u64;
                 if queued > dir.max_outstanding {
                     dir.max_outstanding = queued;
                 }
-                if queued > dir.budget as u64 {
+                if queued > dir.budget as u64 && dir.flags & FLAG_OVER_BUDGET == 0 {
                     // Keep redirecting (nothing else is lossless here) until the
                     // daemon takes the socket out of SOCKS; tell it once.
                     dir.flags |= FLAG_OVER_BUDGET;

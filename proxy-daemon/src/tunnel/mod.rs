@@ -36,6 +36,11 @@ pub struct Tunnel {
 pub struct TunnelCounters {
     pub client_to_upstream: AtomicU64,
     pub upstream_to_client: AtomicU64,
+    /// Of those, bytes the kernel moved socket to socket (the eBPF fast path).
+    pub in_kernel: AtomicU64,
+    /// Most bytes the kernel held queued for one socket at once (the eBPF fast path's
+    /// unaccounted memory; its budget bounds it).
+    pub kernel_queue_peak: AtomicU64,
 }
 
 /// How a relay ended.
@@ -164,6 +169,8 @@ async fn run(tunnel: Tunnel, relay: Relay) {
         relay = relay.name(),
         client_to_upstream = counters.client_to_upstream.load(Ordering::Relaxed),
         upstream_to_client = counters.upstream_to_client.load(Ordering::Relaxed),
+        in_kernel = counters.in_kernel.load(Ordering::Relaxed),
+        kernel_queue_peak = counters.kernel_queue_peak.load(Ordering::Relaxed),
         duration_ms = started.elapsed().as_secs_f64() * 1e3,
         end = ?end,
         "tunnel closed"

@@ -101,10 +101,6 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-fn require_ebpf() -> bool {
-    std::env::var_os("BENCH_REQUIRE_EBPF").is_some_and(|v| v == "1")
-}
-
 pub fn run(quick: bool) -> Result<()> {
     let started = Instant::now();
     let p = Params::new(quick);
@@ -165,15 +161,6 @@ pub fn run(quick: bool) -> Result<()> {
             .iter()
             .flat_map(|t| {
                 t.rows.iter().filter_map(move |(s, r)| match r {
-                    // The eBPF fast path still stalls on bulk tunnels (issue 3 is open): its
-                    // failures are printed, and fatal only with BENCH_REQUIRE_EBPF=1.
-                    Row::Failed(why) if s == "daemon ebpf" && !require_ebpf() => {
-                        eprintln!(
-                            "[bench] KNOWN FAILURE (issue 3 open) {} / {s}: {why}",
-                            t.title
-                        );
-                        None
-                    }
                     Row::Failed(why) => Some(format!("{} / {s}: {why}", t.title)),
                     _ => None,
                 })
@@ -183,7 +170,7 @@ pub fn run(quick: bool) -> Result<()> {
             .iter()
             .flat_map(|t| {
                 t.rows.iter().filter_map(move |(s, r)| match r {
-                    Row::Na(why) if s != "daemon ebpf" => Some(format!("{} / {s}: {why}", t.title)),
+                    Row::Na(why) => Some(format!("{} / {s}: {why}", t.title)),
                     _ => None,
                 })
             })

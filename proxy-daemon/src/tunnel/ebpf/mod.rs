@@ -10,12 +10,10 @@ mod loader;
 mod sys;
 
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use proxy_common::Direction;
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -120,6 +118,7 @@ pub async fn relay(
             over_budget: &up_budget,
         },
         &counters.client_to_upstream,
+        counters,
     );
     let down = direction(
         splicer,
@@ -132,6 +131,7 @@ pub async fn relay(
             over_budget: &down_budget,
         },
         &counters.upstream_to_client,
+        counters,
     );
     let both = async { tokio::try_join!(up, down) };
     let end = tokio::select! {
@@ -165,36 +165,36 @@ fn clear_readable(s: &TcpStream) {
     });
 }
 
-/// Resolves when the socket fails (reset, timeout) while the tunnel runs. Waits for
-/// EPOLLERR through its own registration (a dup of the fd): data and FIN never wake it,
-/// and it never consumes the readiness the direction tasks wait for.
+/// Resolves when the socket fails (reset, timeout) while the tunnel runs. Waits on the
+/// socket's own registration for error readiness only: data and FIN never wake it, and
+/// it never consumes the read readiness the direction tasks wait for (a dup of the fd
+/// with its own registration would cost two more fds per tunnel).
 async fn watch_error(s: &TcpStream) -> io::Error {
-    let fd = match s.as_fd().try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => return e,
-    };
-    // SAFETY: the AsyncFd owns the duplicated fd and closes it when dropped.
-    let watch = match unsafe { AsyncFd::register_with_interest(fd, Interest::ERROR) } {
-        Ok(w) => w,
-        Err(e) => return e.into(),
-    };
+    let mut seen_ready = false;
     loop {
         match sys::take_error(s) {
-            Ok(Some(e)) => return e,
+            Ok(Some(e)) | Err(e) => return e,
+            // Error readiness stays set once seen; if a relay's own syscall already
+            // took the error, do not spin on it.
+            Ok(None) if seen_ready => tokio::time::sleep(Duration::from_millis(50)).await,
             Ok(None) => {}
-            Err(e) => return e,
         }
-        match watch.ready(Interest::ERROR).await {
-            Ok(mut guard) => guard.clear_ready(),
-            Err(e) => return e,
+        if let Err(e) = s.ready(Interest::ERROR).await {
+            return e;
         }
+        seen_ready = true;
     }
 }
 
 /// One direction: while spliced, sleeps until the source's EOF (then finishes it once
 /// every redirected byte is in `to`'s stream) or until the verdict reports it over
 /// budget (then takes it out of the kernel and relays it here).
-async fn direction(splicer: &Splicer, way: Way<'_>, moved: &AtomicU64) -> io::Result<()> {
+async fn direction(
+    splicer: &Splicer,
+    way: Way<'_>,
+    moved: &AtomicU64,
+    counters: &TunnelCounters,
+) -> io::Result<()> {
     let Way {
         from_cookie,
         from,
@@ -210,6 +210,7 @@ async fn direction(splicer: &Splicer, way: Way<'_>, moved: &AtomicU64) -> io::Re
                 let dir = splicer.direction(from_cookie).unwrap_or_default();
                 wait_delivered(to, to_base, dir.redirected).await?;
                 moved.fetch_add(dir.redirected, Ordering::Relaxed);
+                count_kernel_bytes(counters, &dir);
                 return socket::shutdown_write(to);
             }
             _ = over_budget.notified() => {}
@@ -227,11 +228,21 @@ async fn direction(splicer: &Splicer, way: Way<'_>, moved: &AtomicU64) -> io::Re
         );
         wait_delivered(to, to_base, dir.redirected).await?;
         moved.fetch_add(dir.redirected, Ordering::Relaxed);
+        count_kernel_bytes(counters, &dir);
     }
     if drain_queued(from, to, moved).await? {
         return Ok(());
     }
     super::copy::one_way(from, to, moved).await
+}
+
+fn count_kernel_bytes(counters: &TunnelCounters, dir: &Direction) {
+    counters
+        .in_kernel
+        .fetch_add(dir.redirected, Ordering::Relaxed);
+    counters
+        .kernel_queue_peak
+        .fetch_max(dir.max_outstanding, Ordering::Relaxed);
 }
 
 /// Resolves at the spliced socket's EOF with nothing unparsed in front of it.
