@@ -185,6 +185,10 @@ impl Rig {
     }
 
     async fn start_args(args: &[&str]) -> Rig {
+        Self::start_with(args, &[]).await
+    }
+
+    async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Rig {
         let splice = args
             .iter()
             .skip_while(|a| **a != "--splice")
@@ -192,7 +196,9 @@ impl Rig {
             .copied()
             .unwrap_or("");
         let level = std::env::var("FASTPATH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
-        let setup = Setup::with_env(args, &[("RUST_LOG", level.as_str())])
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", level.as_str()));
+        let setup = Setup::with_env(args, &env)
             .await
             .expect("starting the daemon in the machine namespace");
         let echo = std::env::var_os("FASTPATH_ECHO_LOG")
@@ -658,11 +664,21 @@ async fn serve(
         )
         .await?;
         let (mut r, mut w) = s.into_split();
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         let send = async {
             raw_send(&mut w, n).await?;
+            if n == 0 {
+                // An idle side stays open until the busy one is done, as a WebSocket
+                // would (a socket whose FIN arrived cannot be spliced).
+                let _ = drained_rx.await;
+            }
             w.shutdown().await
         };
-        let drain = async { tokio::io::copy(&mut r, &mut tokio::io::sink()).await };
+        let drain = async {
+            let r = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+            let _ = drained_tx.send(());
+            r
+        };
         let (a, b) = tokio::join!(send, drain);
         a?;
         b?;
@@ -1179,11 +1195,19 @@ async fn raw_send<W: AsyncWriteExt + Unpin>(w: &mut W, n: u64) -> io::Result<()>
 async fn raw_run(rig: &Rig, port: u16, up: u64, down: u64) -> Result<()> {
     let (s, early) = open(rig, port, &format!("/raw/{down}"), b"").await?;
     let (mut r, mut w) = s.into_split();
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let send = async {
         raw_send(&mut w, up).await?;
+        if up == 0 {
+            let _ = drained_rx.await;
+        }
         w.shutdown().await
     };
-    let drain = async { tokio::io::copy(&mut r, &mut tokio::io::sink()).await };
+    let drain = async {
+        let r = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+        let _ = drained_tx.send(());
+        r
+    };
     let (a, b) = tokio::join!(send, drain);
     a?;
     let got = b? + early.len() as u64;
@@ -1212,18 +1236,35 @@ fn cpu_jiffies() -> u64 {
 #[ignore]
 async fn measure_relays() {
     let size = 4096 * MIB;
-    for (name, args) in [
-        ("ebpf", vec!["--splice", "ebpf"]),
+    let ebpf = vec!["--splice", "ebpf"];
+    for (name, args, budget) in [
+        ("ebpf", ebpf.clone(), None),
+        ("ebpf-16M", ebpf.clone(), Some("16777216")),
+        ("ebpf-inf", ebpf, Some("4294967295")),
         (
             "splice",
             vec!["--splice", "off", "--userspace-relay", "splice"],
+            None,
         ),
-        ("copy", vec!["--splice", "off", "--userspace-relay", "copy"]),
+        (
+            "copy",
+            vec!["--splice", "off", "--userspace-relay", "copy"],
+            None,
+        ),
     ] {
-        let rig = Rig::start_args(&args).await;
+        let env: Vec<(&str, &str)> = budget
+            .map(|b| ("PROJECT_INGRESS_PROXY_EBPF_BUDGET", b))
+            .into_iter()
+            .collect();
+        let rig = Rig::start_with(&args, &env).await;
         let upstream = Upstream::start(&rig);
         let hz = 100.0; // USER_HZ
-        for (label, up, down) in [("one-way", size, 0), ("both-ways", size / 2, size / 2)] {
+        for (label, up, down) in [
+            ("up", size, 0),
+            ("down", 0, size),
+            ("both-ways", size / 2, size / 2),
+        ] {
+            let closed_before = rig.log_lines("tunnel closed").len();
             let j0 = cpu_jiffies();
             let t0 = Instant::now();
             let r = tokio::time::timeout(
@@ -1236,21 +1277,23 @@ async fn measure_relays() {
             let gb = (up + down) as f64 / 1e9;
             match r {
                 Ok(Ok(())) => eprintln!(
-                    "MEASURE {name:7} {label:9} {:6.2} GB/s  {:5.2} CPU-s/GB (whole machine)",
+                    "MEASURE {name:8} {label:9} {:6.2} GB/s  {:5.2} CPU-s/GB (whole machine){}",
                     gb / secs,
-                    cpu / gb
+                    cpu / gb,
+                    kernel_share(&rig, closed_before).await
                 ),
-                Ok(Err(e)) => eprintln!("MEASURE {name:7} {label:9} FAILED: {e}"),
-                Err(_) => eprintln!("MEASURE {name:7} {label:9} STALLED (60 s)"),
+                Ok(Err(e)) => eprintln!("MEASURE {name:8} {label:9} FAILED: {e}"),
+                Err(_) => eprintln!("MEASURE {name:8} {label:9} STALLED (60 s)"),
             }
         }
         let (mut s, _) = open(&rig, upstream.port, "/echo", b"").await.unwrap();
         s.set_nodelay(true).unwrap();
         let mut rtts = Vec::new();
+        let j0 = cpu_jiffies();
         let msg = [42u8; 64];
         let mut b = [0u8; 64];
         let mut ok = true;
-        for _ in 0..5000 {
+        for _ in 0..20_000 {
             let t = Instant::now();
             s.write_all(&msg).await.unwrap();
             if tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut b))
@@ -1262,18 +1305,50 @@ async fn measure_relays() {
             }
             rtts.push(t.elapsed().as_secs_f64() * 1e6);
         }
+        let cpu_ms = (cpu_jiffies() - j0) as f64 * 10.0; // USER_HZ = 100
         rtts.sort_by(|a, b| a.partial_cmp(b).unwrap());
         if ok {
             eprintln!(
-                "MEASURE {name:7} rtt-64B   p50 {:.1} us  p99 {:.1} us",
+                "MEASURE {name:8} rtt-64B   p50 {:.1} us  p99 {:.1} us  {:.1} ms CPU per 1000 round trips (whole machine)",
                 rtts[rtts.len() / 2],
-                rtts[rtts.len() * 99 / 100]
+                rtts[rtts.len() * 99 / 100],
+                cpu_ms * 1000.0 / rtts.len() as f64
             );
         } else {
             eprintln!(
-                "MEASURE {name:7} rtt-64B   STALLED after {} round trips",
+                "MEASURE {name:8} rtt-64B   STALLED after {} round trips",
                 rtts.len()
             );
         }
+    }
+}
+
+/// ", N% of bytes in the kernel, queue peak P" from the tunnel that closed after
+/// `closed_before` others (empty for the userspace relays).
+async fn kernel_share(rig: &Rig, closed_before: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = rig
+            .log_lines("tunnel closed")
+            .into_iter()
+            .nth(closed_before)
+        {
+            break l;
+        }
+        if Instant::now() > deadline {
+            return ", no tunnel-closed line".into();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let total = v["client_to_upstream"].as_u64().unwrap_or(0)
+        + v["upstream_to_client"].as_u64().unwrap_or(0);
+    match (v["in_kernel"].as_u64(), v["relay"].as_str()) {
+        (Some(k), Some("ebpf")) if total > 0 => format!(
+            ", {:.0}% in kernel, queue peak {:.1} MiB",
+            k as f64 * 100.0 / total as f64,
+            v["kernel_queue_peak"].as_u64().unwrap_or(0) as f64 / MIB as f64
+        ),
+        _ => String::new(),
     }
 }
