@@ -11,7 +11,7 @@ use crate::auth::Secret;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SpliceMode {
-    /// Use the in-kernel eBPF fast path where it helps; fall back to userspace (one log line) when it cannot load.
+    /// In-kernel eBPF fast path when it can load (needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON), else the userspace relay with one warning line.
     Auto,
     /// Require the in-kernel eBPF fast path; exit at start-up if it cannot load.
     Ebpf,
@@ -65,6 +65,10 @@ pub struct Args {
     /// Data path for tunnels: auto, ebpf (required, fail at start-up without it) or off (userspace).
     #[arg(long, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
+
+    /// Fast path: most bytes one tunnel direction may have queued inside the kernel (memory no socket is charged for). A direction that goes over it (a slow reader, a bulk burst) is relayed with splice(2) for the rest of the tunnel, where TCP's own flow control bounds it.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_EBPF_BUDGET", default_value_t = crate::tunnel::ebpf::DEFAULT_BUDGET, value_parser = clap::value_parser!(u32).range(64 * 1024..))]
+    pub ebpf_budget: u32,
 
     /// Relay used for tunnels that are not spliced by eBPF (`--splice off`, or `auto`
     /// when the fast path cannot load or does not pay).

@@ -35,13 +35,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let relay = match args.splice {
         SpliceMode::Off => userspace,
         SpliceMode::Ebpf => Relay::Ebpf(Arc::new(
-            ebpf::Splicer::load().context("--splice ebpf: the in-kernel fast path cannot start")?,
+            ebpf::Splicer::load(args.ebpf_budget)
+                .context("--splice ebpf: the in-kernel fast path cannot start")?,
         )),
         // Evidence (docs/fastpath.md, one run on the netns topology): the kernel path
         // wins small messages (about 25% lower round-trip time and 30% less machine
         // CPU per round trip than either userspace relay) and a bulk direction leaves
         // it after its 2 MiB budget for splice(2), which wins bulk throughput here.
-        SpliceMode::Auto => match ebpf::Splicer::load() {
+        SpliceMode::Auto => match ebpf::Splicer::load(args.ebpf_budget) {
             Ok(splicer) => Relay::Ebpf(Arc::new(splicer)),
             Err(e) => {
                 tracing::warn!(

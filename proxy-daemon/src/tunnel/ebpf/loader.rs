@@ -48,17 +48,9 @@ impl std::fmt::Debug for Splicer {
 }
 
 impl Splicer {
-    /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log reader).
-    /// The budget can be overridden with `PROJECT_INGRESS_PROXY_EBPF_BUDGET` (bytes).
-    pub fn load() -> anyhow::Result<Splicer> {
-        let budget = std::env::var("PROJECT_INGRESS_PROXY_EBPF_BUDGET")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_BUDGET);
-        Self::load_with_budget(budget)
-    }
-
-    pub fn load_with_budget(budget: u32) -> anyhow::Result<Splicer> {
+    /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log and
+    /// event readers). `budget`: see `--ebpf-budget` (u32::MAX turns accounting off).
+    pub fn load(budget: u32) -> anyhow::Result<Splicer> {
         if !object_embedded() {
             bail!("the eBPF object was not embedded in this build (build it with `cargo xtask build-ebpf`, then rebuild)");
         }
