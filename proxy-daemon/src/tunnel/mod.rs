@@ -139,7 +139,15 @@ async fn run(tunnel: Tunnel, relay: Relay) {
         upstream_leftover,
     } = tunnel;
     let started = Instant::now();
-    tracing::info!(request_id = %request_id, port, relay = relay.name(), "tunnel opened");
+    tracing::info!(
+        request_id = %request_id,
+        port,
+        relay = relay.name(),
+        // Bytes hyper read past the upgrade: relayed by the daemon before anything else.
+        client_leftover = client_leftover.len(),
+        upstream_leftover = upstream_leftover.len(),
+        "tunnel opened"
+    );
     let counters = Arc::new(TunnelCounters::default());
 
     let end = match forward_leftovers(
