@@ -133,11 +133,14 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
                 if queued > dir.max_outstanding {
                     dir.max_outstanding = queued;
                 }
-                if queued > dir.budget as u64 && dir.flags & FLAG_OVER_BUDGET == 0 {
-                    // Keep redirecting (nothing else is lossless here) until the
-                    // daemon takes the socket out of SOCKS; tell it once.
+                if queued > dir.budget as u64
+                    && dir.flags & FLAG_OVER_BUDGET == 0
+                    // Keep redirecting (nothing else is lossless here) until the daemon
+                    // takes the socket out of SOCKS; tell it once. A full ring buffer
+                    // (thousands of tunnels over budget at once) is retried next skb.
+                    && EVENTS.output::<u64>(&cookie, 0).is_ok()
+                {
                     dir.flags |= FLAG_OVER_BUDGET;
-                    let _ = EVENTS.output::<u64>(&cookie, 0);
                     info!(
                         &ctx,
                         "fastpath: socket {} over budget ({} bytes queued for peer), handing the direction to the daemon",
