@@ -19,8 +19,8 @@ const CAPS: &str = "+bpf,+net_admin,+perfmon";
 
 /// The daemon run through `setpriv` as `nobody` with exactly `caps` (e.g. "" or CAPS).
 fn daemon(caps: &str, splice: &str) -> Result<(Child, TempBin)> {
-    // A copy the unprivileged user can execute whatever the permissions of target/,
-    // unlinked as soon as the daemon runs.
+    // A copy the unprivileged user can execute whatever the permissions of target/
+    // (removed when the returned guard drops).
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let bin = std::env::temp_dir().join(format!("ipx-startup-{}-{n}", std::process::id()));
@@ -120,6 +120,25 @@ async fn ebpf_without_privileges_fails_fast() -> Result<()> {
         .await
         .context("--splice ebpf without privileges kept running")??;
     assert!(!status.success());
+    Ok(())
+}
+
+/// The unit grants no capability it does not need: without any one of the three,
+/// `--splice ebpf` cannot start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_needs_each_of_the_units_capabilities() -> Result<()> {
+    for missing in ["bpf", "net_admin", "perfmon"] {
+        let caps: Vec<String> = ["bpf", "net_admin", "perfmon"]
+            .iter()
+            .filter(|c| **c != missing)
+            .map(|c| format!("+{c}"))
+            .collect();
+        let (mut child, _bin) = daemon(&caps.join(","), "ebpf")?;
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .with_context(|| format!("--splice ebpf without CAP_{missing} kept running"))??;
+        assert!(!status.success(), "started without CAP_{missing}");
+    }
     Ok(())
 }
 
