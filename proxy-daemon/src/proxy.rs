@@ -121,7 +121,10 @@ impl Proxy {
 
 /// Upstream response → client response: hop-by-hop headers dropped, body streamed. An
 /// upstream failing mid-body makes the body fail, and hyper aborts the client connection.
-pub fn relay_response(response: Response<Incoming>) -> Response<ProxyBody> {
+pub fn relay_response<B>(response: Response<B>) -> Response<ProxyBody>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = hyper::Error> + Send + Sync + 'static,
+{
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let (mut parts, body) = response.into_parts();
     // hyper answers HTTP/1.0 clients in kind; an HTTP/1.0 upstream must not cost the

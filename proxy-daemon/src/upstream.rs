@@ -5,8 +5,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -15,6 +20,88 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::InboundBody;
+
+/// A connection on its way back to the pool once its response has been read.
+struct CheckIn {
+    pool: Arc<Upstreams>,
+    port: u16,
+    sender: SendRequest<InboundBody>,
+}
+
+impl CheckIn {
+    /// Back to the pool now if the connection is ready for another request (it is, when
+    /// the response body just ended), else once it is; a connection that closes instead
+    /// (e.g. `Connection: close`) is dropped.
+    fn finish(self) {
+        let CheckIn {
+            pool,
+            port,
+            mut sender,
+        } = self;
+        if sender.is_ready() {
+            pool.check_in(port, sender);
+            return;
+        }
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.check_in(port, sender);
+            }
+        });
+    }
+}
+
+/// An upstream response body that checks its connection back in as soon as the body has
+/// been read to its end, before the client sees that end: a client's next request on
+/// the same connection then finds it in the pool instead of opening another.
+pub struct PooledBody {
+    inner: Incoming,
+    check_in: Option<CheckIn>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let result = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let ended = match &result {
+            None => true,
+            Some(Ok(_)) => self.inner.is_end_stream(),
+            Some(Err(_)) => {
+                // A failed exchange: the connection is not reusable.
+                self.check_in = None;
+                false
+            }
+        };
+        if ended {
+            if let Some(c) = self.check_in.take() {
+                c.finish();
+            }
+        }
+        Poll::Ready(result)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Not read to the end (client gone, or no body was polled): the connection comes
+        // back only if hyper can still finish the exchange.
+        if let Some(c) = self.check_in.take() {
+            c.finish();
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -115,7 +202,7 @@ impl Upstreams {
         self: &Arc<Self>,
         port: u16,
         mut request: Request<InboundBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             let (mut sender, reused) = match self.checkout(port) {
                 Some(sender) => (sender, true),
@@ -123,8 +210,15 @@ impl Upstreams {
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.check_in_when_idle(port, sender);
-                    return Ok(response);
+                    let check_in = CheckIn {
+                        pool: Arc::clone(self),
+                        port,
+                        sender,
+                    };
+                    return Ok(response.map(|inner| PooledBody {
+                        inner,
+                        check_in: Some(check_in),
+                    }));
                 }
                 Err(mut failed) => match failed.take_message() {
                     Some(unsent) if reused => request = unsent,
@@ -159,26 +253,16 @@ impl Upstreams {
         None
     }
 
-    /// Returns the connection to the pool once its response has been read to the end; a
-    /// connection that closes instead (e.g. `Connection: close`) is dropped.
-    fn check_in_when_idle(self: &Arc<Self>, port: u16, mut sender: SendRequest<InboundBody>) {
-        let pool = Arc::clone(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let mut idle = pool.idle.lock().unwrap();
-            let list = idle.entry(port).or_default();
-            list.retain(|c| {
-                c.since.elapsed() < pool.settings.idle_timeout && !c.sender.is_closed()
+    fn check_in(&self, port: u16, sender: SendRequest<InboundBody>) {
+        let mut idle = self.idle.lock().unwrap();
+        let list = idle.entry(port).or_default();
+        list.retain(|c| c.since.elapsed() < self.settings.idle_timeout && !c.sender.is_closed());
+        if list.len() < self.settings.max_idle_per_port {
+            list.push(IdleConnection {
+                sender,
+                since: Instant::now(),
             });
-            if list.len() < pool.settings.max_idle_per_port {
-                list.push(IdleConnection {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
-        });
+        }
     }
 
     /// Drops idle connections past their idle timeout; run periodically.
