@@ -74,6 +74,61 @@ impl Verifier {
     }
 }
 
+/// Bytes `0..n` of stream `seed`.
+pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    fill(seed, 0, &mut v);
+    v
+}
+
+/// Writes bytes `from..to` of stream `seed`.
+pub async fn send<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    seed: u64,
+    from: u64,
+    to: u64,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(buf.len() as u64) as usize;
+        fill(seed, at, &mut buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads to EOF through `v`: a wrong byte, more than `expect` bytes in all (duplication)
+/// or fewer (truncation) is an error. Returns the bytes `v` has seen.
+pub async fn receive<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    v: &mut Verifier,
+    expect: u64,
+) -> anyhow::Result<u64> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        v.feed(&buf[..n])?;
+        anyhow::ensure!(
+            v.received <= expect,
+            "received {} bytes, more than the {expect} sent (duplication)",
+            v.received
+        );
+    }
+    anyhow::ensure!(
+        v.received == expect,
+        "received {} of {expect} bytes before EOF (truncation)",
+        v.received
+    );
+    Ok(v.received)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tests::pattern::{self, Verifier};
+use tests::upstream::read_head;
 use tests::{v4, Setup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,126 +40,6 @@ fn torture() -> bool {
 
 fn mode() -> String {
     std::env::var("FASTPATH_SPLICE").unwrap_or_else(|_| "ebpf".into())
-}
-
-// ---------------------------------------------------------------- byte streams
-
-/// Seeded pseudo-random byte stream (xorshift64*), so both ends agree on every byte.
-#[derive(Clone)]
-struct Prng {
-    state: u64,
-    buf: [u8; 8],
-    used: usize,
-}
-
-impl Prng {
-    fn new(seed: u64) -> Prng {
-        Prng {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-            buf: [0; 8],
-            used: 8,
-        }
-    }
-    fn fill(&mut self, out: &mut [u8]) {
-        for b in out {
-            if self.used == 8 {
-                self.state ^= self.state >> 12;
-                self.state ^= self.state << 25;
-                self.state ^= self.state >> 27;
-                self.buf = self.state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-                self.used = 0;
-            }
-            *b = self.buf[self.used];
-            self.used += 1;
-        }
-    }
-}
-
-/// Checks received bytes against the expected stream.
-struct Verifier {
-    prng: Prng,
-    seen: u64,
-    scratch: Vec<u8>,
-}
-
-impl Verifier {
-    fn new(seed: u64) -> Verifier {
-        Verifier {
-            prng: Prng::new(seed),
-            seen: 0,
-            scratch: Vec::new(),
-        }
-    }
-    fn check(&mut self, data: &[u8]) -> Result<()> {
-        self.scratch.resize(data.len(), 0);
-        self.prng.fill(&mut self.scratch);
-        if let Some(i) = (0..data.len()).find(|&i| data[i] != self.scratch[i]) {
-            return Err(format!("byte {} differs (stream corrupted)", self.seen + i as u64).into());
-        }
-        self.seen += data.len() as u64;
-        Ok(())
-    }
-}
-
-async fn send_stream<W: AsyncWriteExt + Unpin>(
-    w: &mut W,
-    seed: u64,
-    skip: u64,
-    len: u64,
-) -> Result<()> {
-    let mut prng = Prng::new(seed);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut skipped = 0;
-    while skipped < skip {
-        let n = (skip - skipped).min(buf.len() as u64) as usize;
-        prng.fill(&mut buf[..n]);
-        skipped += n as u64;
-    }
-    let mut left = len - skip;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        prng.fill(&mut buf[..n]);
-        w.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
-/// Reads until EOF, verifying; returns the byte count.
-async fn recv_stream<R: AsyncReadExt + Unpin>(
-    r: &mut R,
-    v: &mut Verifier,
-    expect: u64,
-) -> Result<u64> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        v.check(&buf[..n])?;
-        if v.seen > expect {
-            return Err(format!(
-                "received {} bytes, more than the {expect} sent (duplication)",
-                v.seen
-            )
-            .into());
-        }
-    }
-    if v.seen != expect {
-        return Err(format!(
-            "received {} of {expect} bytes before EOF (truncation)",
-            v.seen
-        )
-        .into());
-    }
-    Ok(v.seen)
-}
-
-fn prefix(seed: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    Prng::new(seed).fill(&mut v);
-    v
 }
 
 // ---------------------------------------------------------------- daemon
@@ -210,21 +92,8 @@ impl Rig {
             echo,
         };
         // The harness returns once the listener answers; the start line follows the bind.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let start = loop {
-            if let Some(line) = rig
-                .log_lines("project-ingress-proxy started")
-                .into_iter()
-                .next()
-            {
-                break line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no start line from the daemon:\n{}",
-                rig.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let Some(start) = rig.wait_log("project-ingress-proxy started", 0).await else {
+            panic!("no start line from the daemon:\n{}", rig.logs());
         };
         let v: serde_json::Value = serde_json::from_str(&start).unwrap();
         if splice == "ebpf" {
@@ -293,6 +162,20 @@ impl Rig {
 
     fn logs(&self) -> String {
         self.setup.daemon.logs()
+    }
+
+    /// The `nth` (from 0) daemon log line containing `needle`, waiting up to 10 s for it.
+    async fn wait_log(&self, needle: &str, nth: usize) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self.log_lines(needle).into_iter().nth(nth) {
+                return Some(l);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn log_lines(&self, needle: &str) -> Vec<String> {
@@ -580,22 +463,6 @@ impl Plan {
 const UP: u64 = 0x5555;
 const DOWN: u64 = 0xAAAA;
 
-async fn read_head(s: &mut TcpStream) -> io::Result<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).into_owned();
-            return Ok((head, buf[i + 4..].to_vec()));
-        }
-    }
-}
-
 impl Upstream {
     /// Listens on the machine namespace's loopback, next to the daemon.
     fn start(rig: &Rig) -> Upstream {
@@ -711,32 +578,26 @@ async fn serve(
         let mut first =
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n"
                 .to_vec();
-        first.extend_from_slice(&prefix(plan.seed ^ DOWN, plan.upstream_pre as usize));
+        first.extend_from_slice(&pattern::bytes(
+            plan.seed ^ DOWN,
+            plan.upstream_pre as usize,
+        ));
         s.write_all(&first).await.map_err(|e| e.to_string())?;
-        let (mut r, mut w) = s.into_split();
-        let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
-        let reader = async {
-            let mut v = Verifier::new(plan.seed ^ UP);
-            v.check(&early).map_err(|e| e.to_string())?;
-            if plan.upstream_stall_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(plan.upstream_stall_ms)).await;
-            }
-            let r = recv_stream(&mut r, &mut v, plan.up).await;
-            let _ = eof_tx.send(());
-            r.map_err(|e| format!("upstream receiving: {e}"))
-        };
-        let writer = async {
-            if plan.down_after_eof {
-                let _ = eof_rx.await;
-            }
-            send_stream(&mut w, plan.seed ^ DOWN, plan.upstream_pre, plan.down).await?;
-            w.shutdown().await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        };
-        let (a, b) = tokio::join!(reader, writer);
-        a?;
-        b.map_err(|e| format!("upstream sending: {e}"))?;
-        Ok::<_, String>(())
+        play(
+            s,
+            End {
+                who: "upstream",
+                recv_seed: plan.seed ^ UP,
+                recv_len: plan.up,
+                early: &early,
+                stall_ms: plan.upstream_stall_ms,
+                send_seed: plan.seed ^ DOWN,
+                send_from: plan.upstream_pre,
+                send_to: plan.down,
+                send_after_eof: plan.down_after_eof,
+            },
+        )
+        .await
     }
     .await;
     results
@@ -744,6 +605,53 @@ async fn serve(
         .unwrap()
         .insert(plan.seed, result.map_err(|e| e.to_string()));
     Ok(())
+}
+
+/// One end of a planned tunnel.
+struct End<'a> {
+    who: &'static str,
+    /// The stream coming in: its seed and total length, and the bytes of it that
+    /// arrived together with the handshake.
+    recv_seed: u64,
+    recv_len: u64,
+    early: &'a [u8],
+    /// Wait this long before reading (slow reader).
+    stall_ms: u64,
+    /// The stream going out: bytes `send_from..send_to` (the ones before went with the
+    /// handshake), then a half-close.
+    send_seed: u64,
+    send_from: u64,
+    send_to: u64,
+    /// Start sending only once the incoming stream has ended.
+    send_after_eof: bool,
+}
+
+/// Plays one end of a tunnel: every incoming byte and the EOF checked, the outgoing
+/// stream sent, both at once.
+async fn play(s: TcpStream, end: End<'_>) -> std::result::Result<(), String> {
+    let (mut r, mut w) = s.into_split();
+    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
+    let reader = async {
+        let mut v = Verifier::new(end.recv_seed);
+        v.feed(end.early).map_err(|e| e.to_string())?;
+        if end.stall_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(end.stall_ms)).await;
+        }
+        let r = pattern::receive(&mut r, &mut v, end.recv_len).await;
+        let _ = eof_tx.send(());
+        r.map(|_| ())
+            .map_err(|e| format!("{} receiving: {e}", end.who))
+    };
+    let writer = async {
+        if end.send_after_eof {
+            let _ = eof_rx.await;
+        }
+        pattern::send(&mut w, end.send_seed, end.send_from, end.send_to).await?;
+        w.shutdown().await
+    };
+    let (a, b) = tokio::join!(reader, writer);
+    a?;
+    b.map_err(|e| format!("{} sending: {e}", end.who))
 }
 
 // ---------------------------------------------------------------- client
@@ -765,31 +673,23 @@ async fn open(rig: &Rig, port: u16, path: &str, pre: &[u8]) -> Result<(TcpStream
 
 /// Runs one tunnel per `plan` and checks both ends.
 async fn run_plan(rig: &Rig, upstream: &Upstream, plan: Plan) -> Result<()> {
-    let pre = prefix(plan.seed ^ UP, plan.client_pre as usize);
+    let pre = pattern::bytes(plan.seed ^ UP, plan.client_pre as usize);
     let (s, early) = open(rig, upstream.port, &plan.path(), &pre).await?;
-    let (mut r, mut w) = s.into_split();
-    let (eof_tx, eof_rx) = tokio::sync::oneshot::channel::<()>();
-    let reader = async {
-        let mut v = Verifier::new(plan.seed ^ DOWN);
-        v.check(&early).map_err(|e| e.to_string())?;
-        if plan.client_stall_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(plan.client_stall_ms)).await;
-        }
-        let r = recv_stream(&mut r, &mut v, plan.down).await;
-        let _ = eof_tx.send(());
-        r.map_err(|e| format!("client receiving: {e}"))
-    };
-    let writer = async {
-        if plan.up_after_eof {
-            let _ = eof_rx.await;
-        }
-        send_stream(&mut w, plan.seed ^ UP, plan.client_pre, plan.up).await?;
-        w.shutdown().await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-    };
-    let (a, b) = tokio::join!(reader, writer);
-    a?;
-    b.map_err(|e| format!("client sending: {e}"))?;
+    play(
+        s,
+        End {
+            who: "client",
+            recv_seed: plan.seed ^ DOWN,
+            recv_len: plan.down,
+            early: &early,
+            stall_ms: plan.client_stall_ms,
+            send_seed: plan.seed ^ UP,
+            send_from: plan.client_pre,
+            send_to: plan.up,
+            send_after_eof: plan.up_after_eof,
+        },
+    )
+    .await?;
     // The upstream's verdict lands right after its own EOF.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -965,18 +865,18 @@ async fn bursts_of_small_messages() {
         let (mut r, mut w) = s.into_split();
         let total = 4 * MIB;
         let writer = async move {
-            let mut prng = Prng::new(seed ^ 0x77);
-            let mut sizes = Prng::new(seed);
+            // Message sizes 1..=300 from a second stream, data from the checked one.
             let mut sent = 0u64;
+            let mut k = 0u64;
             let mut buf = vec![0u8; 300];
             while sent < total {
-                let mut sz = [0u8; 2];
-                sizes.fill(&mut sz);
+                let sz = [pattern::byte_at(seed, k), pattern::byte_at(seed, k + 1)];
+                k += 2;
                 let n = ((u16::from_le_bytes(sz) as u64 % 300) + 1).min(total - sent) as usize;
-                prng.fill(&mut buf[..n]);
+                pattern::fill(seed ^ 0x77, sent, &mut buf[..n]);
                 w.write_all(&buf[..n]).await.unwrap();
                 sent += n as u64;
-                if sz[0] % 16 == 0 {
+                if sz[0].is_multiple_of(16) {
                     tokio::task::yield_now().await;
                 }
             }
@@ -984,7 +884,7 @@ async fn bursts_of_small_messages() {
         };
         let reader = async move {
             let mut v = Verifier::new(seed ^ 0x77);
-            recv_stream(&mut r, &mut v, total).await.unwrap();
+            pattern::receive(&mut r, &mut v, total).await.unwrap();
         };
         tokio::time::timeout(Duration::from_secs(60), async {
             tokio::join!(writer, reader)
@@ -1083,7 +983,10 @@ async fn slow_reader(client_slow: bool) {
         // socket is charged for) stays near the 2 MiB budget. The verdict keeps
         // redirecting between its over-budget event and the daemon taking the socket
         // out of the map; that overshoot is allowed 2 MiB more.
-        let line = wait_log(&rig, "tunnel closed").await;
+        let line = rig
+            .wait_log("tunnel closed", 0)
+            .await
+            .expect("no tunnel-closed line");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let peak = v["kernel_queue_peak"].as_u64().expect("kernel_queue_peak");
         let in_kernel = v["in_kernel"].as_u64().expect("in_kernel");
@@ -1095,18 +998,6 @@ async fn slow_reader(client_slow: bool) {
             in_kernel < total,
             "a stalled reader must move the direction out of the kernel ({in_kernel} bytes stayed in it)"
         );
-    }
-}
-
-/// The first daemon log line containing `needle`, waiting up to 10 s for it.
-async fn wait_log(rig: &Rig, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(l) = rig.log_lines(needle).into_iter().next() {
-            return l;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in the daemon log");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -1367,19 +1258,8 @@ async fn measure_relays() {
 /// ", N% of bytes in the kernel, queue peak P" from the tunnel that closed after
 /// `closed_before` others (empty for the userspace relays).
 async fn kernel_share(rig: &Rig, closed_before: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let line = loop {
-        if let Some(l) = rig
-            .log_lines("tunnel closed")
-            .into_iter()
-            .nth(closed_before)
-        {
-            break l;
-        }
-        if Instant::now() > deadline {
-            return ", no tunnel-closed line".into();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let Some(line) = rig.wait_log("tunnel closed", closed_before).await else {
+        return ", no tunnel-closed line".into();
     };
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     let total = v["client_to_upstream"].as_u64().unwrap_or(0)

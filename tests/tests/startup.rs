@@ -9,9 +9,10 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use tests::pattern::{self, Verifier};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tests::upstream::read_head;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
@@ -161,14 +162,7 @@ async fn auto_with_the_units_capabilities_splices_in_the_kernel() -> Result<()> 
     let port = upstream.local_addr()?.port();
     let echo = tokio::spawn(async move {
         let (mut s, _) = upstream.accept().await?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if s.read(&mut b).await? == 0 {
-                bail!("request cut short");
-            }
-            head.push(b[0]);
-        }
+        read_head(&mut s).await?;
         s.write_all(
             b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\n",
         )
@@ -176,7 +170,7 @@ async fn auto_with_the_units_capabilities_splices_in_the_kernel() -> Result<()> 
         let (mut r, mut w) = s.split();
         tokio::io::copy(&mut r, &mut w).await?;
         w.shutdown().await?;
-        Ok(())
+        anyhow::Ok(())
     });
 
     let mut c = TcpStream::connect(addr).await?;
@@ -187,43 +181,19 @@ async fn auto_with_the_units_capabilities_splices_in_the_kernel() -> Result<()> 
         .as_bytes(),
     )
     .await?;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        ensure!(c.read(&mut b).await? == 1, "no response head");
-        head.push(b[0]);
-    }
-    ensure!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (head, early) = read_head(&mut c).await?;
+    ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
     let (mut r, mut w) = c.into_split();
     let total = 1u64 << 20;
     let send = async {
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut off = 0;
-        while off < total {
-            pattern::fill(7, off, &mut buf);
-            w.write_all(&buf).await?;
-            off += buf.len() as u64;
-        }
+        pattern::send(&mut w, 7, 0, total).await?;
         w.shutdown().await?;
         anyhow::Ok(())
     };
+    let mut v = Verifier::new(7);
     let recv = async {
-        let mut v = Verifier::new(7);
-        let mut got = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = r.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            v.feed(&buf[..n])?;
-            got += n as u64;
-        }
-        anyhow::Ok(got)
+        v.feed(&early)?;
+        pattern::receive(&mut r, &mut v, total).await
     };
     let (a, got) =
         tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(send, recv) })
