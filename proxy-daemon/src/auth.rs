@@ -1,9 +1,8 @@
 //! Shared-secret check (SPEC §5): constant-time compare, never logged.
 
-use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use crate::headers::SECRET_HEADER;
+use crate::http1::request::Occurs;
 
 pub struct Secret(Box<[u8]>);
 
@@ -12,11 +11,11 @@ impl Secret {
         Secret(value.into())
     }
 
-    /// True when the request carries the secret exactly once, with the same bytes.
-    pub fn admits(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(SECRET_HEADER).iter();
-        match (values.next(), values.next()) {
-            (Some(value), None) => bool::from(value.as_bytes().ct_eq(&self.0)),
+    /// True when the request carried the secret header exactly once (`presented`, in
+    /// the head's buffer `buf`), with the same bytes.
+    pub fn admits(&self, presented: Occurs, buf: &[u8]) -> bool {
+        match presented {
+            Occurs::Once(value) => bool::from(value.of(buf).ct_eq(&self.0)),
             _ => false,
         }
     }
@@ -31,23 +30,27 @@ impl std::fmt::Debug for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn admits_only_the_exact_value_once() {
         let secret = Secret::new(b"s3cret");
-        let mut h = HeaderMap::new();
-        assert!(!secret.admits(&h));
-        h.insert(SECRET_HEADER, HeaderValue::from_static("s3cre"));
-        assert!(!secret.admits(&h));
-        h.insert(SECRET_HEADER, HeaderValue::from_static("s3cret!"));
-        assert!(!secret.admits(&h));
-        h.insert(SECRET_HEADER, HeaderValue::from_static("S3CRET"));
-        assert!(!secret.admits(&h));
-        h.insert(SECRET_HEADER, HeaderValue::from_static("s3cret"));
-        assert!(secret.admits(&h));
-        h.append(SECRET_HEADER, HeaderValue::from_static("s3cret"));
-        assert!(!secret.admits(&h), "sent twice");
+        let check = |values: &[&str]| {
+            let fields: String = values
+                .iter()
+                .map(|v| format!("X-Iterate-Project-Ingress-Secret: {v}\r\n"))
+                .collect();
+            let raw = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+            let head = crate::http1::request::parse(raw.as_bytes(), 65536)
+                .unwrap()
+                .unwrap();
+            secret.admits(head.secret, raw.as_bytes())
+        };
+        assert!(!check(&[]));
+        assert!(!check(&["s3cre"]));
+        assert!(!check(&["s3cret!"]));
+        assert!(!check(&["S3CRET"]));
+        assert!(check(&["s3cret"]));
+        assert!(!check(&["s3cret", "s3cret"]), "sent twice");
         assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
     }
 }

@@ -102,20 +102,87 @@ pub struct Args {
     #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_connect_timeout: Duration,
 
-    /// How long an idle pooled upstream connection is kept.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "90s", value_parser = humantime::parse_duration)]
+    /// Longest an idle pooled upstream connection is kept. Servers close idle
+    /// connections on their own timers (Node: 5 s, uvicorn: 5 s); a shorter `Keep-Alive:
+    /// timeout=N` from the upstream shortens it to N-1 s, and a request that meets a
+    /// connection the upstream just closed is retried once on a new one.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
 
-    /// Most idle pooled connections kept per upstream port.
+    /// Most idle pooled connections kept per upstream port and worker thread.
     #[arg(
         long,
         env = "PROJECT_INGRESS_PROXY_UPSTREAM_MAX_IDLE",
         default_value_t = 64
     )]
     pub upstream_max_idle_per_port: usize,
+
+    /// Worker threads, each with its own event loop, listening socket (SO_REUSEPORT) and
+    /// upstream pool; a request stays on one thread from client to upstream and back.
+    /// 0: one per CPU.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// TCP keepalive on client and upstream sockets: idle time before the first probe, or
+    /// `off`. With the interval and probe count below, a peer that vanished without FIN
+    /// or RST (a laptop gone to sleep) is dropped within minutes, its tunnel closed.
+    #[arg(
+        long,
+        env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE",
+        default_value = "60s"
+    )]
+    pub tcp_keepalive: KeepaliveIdle,
+
+    /// Time between keepalive probes.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive_interval: Duration,
+
+    /// Unanswered keepalive probes before the connection is dropped.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE_PROBES", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=127))]
+    pub tcp_keepalive_probes: u32,
+
+    /// Only these target ports are routed (e.g. `3000,4000-4999`); others get 403
+    /// `forbidden_target`. Default: every port. The daemon's own ports are always refused.
+    #[arg(long, env = "PROJECT_INGRESS_PROXY_ALLOW_PORTS")]
+    pub allow_ports: Option<crate::admission::PortSet>,
+}
+
+/// `--tcp-keepalive`: a duration, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveIdle(pub Option<Duration>);
+
+impl std::str::FromStr for KeepaliveIdle {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(KeepaliveIdle(None));
+        }
+        humantime::parse_duration(s)
+            .map(|d| KeepaliveIdle(Some(d)))
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl Args {
+    /// Keepalive settings for traffic sockets (`None`: off).
+    pub fn keepalive(&self) -> Option<crate::io::Keepalive> {
+        self.tcp_keepalive.0.map(|idle| crate::io::Keepalive {
+            idle,
+            interval: self.tcp_keepalive_interval,
+            probes: self.tcp_keepalive_probes,
+        })
+    }
+
+    /// Worker threads to run.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
     /// The secret from `--secret-file` or PROJECT_INGRESS_PROXY_SECRET; empty means off.
     pub fn secret(&self) -> anyhow::Result<Option<Secret>> {
         let raw = match &self.secret_file {

@@ -1,8 +1,6 @@
 //! The `X-Iterate-Proxy-Target-Host` grammar (SPEC §2): which local port a request goes to.
 
-use http::HeaderMap;
-
-pub const TARGET_HEADER: &str = "x-iterate-proxy-target-host";
+use crate::http1::request::Occurs;
 
 /// Port used for a bare hostname (`mach_123.iterate.town`).
 pub const DEFAULT_PORT: u16 = 3000;
@@ -25,17 +23,16 @@ impl TargetError {
     }
 }
 
-/// Reads the target port from the request headers. The header may appear once only.
-pub fn target_port(headers: &HeaderMap) -> Result<u16, TargetError> {
-    let mut values = headers.get_all(TARGET_HEADER).iter();
-    let Some(value) = values.next() else {
-        return Err(TargetError::Missing);
+/// The target port of a request whose head carried the header `target` (`buf` is the
+/// head's buffer). The header may appear once only.
+pub fn target_port(target: Occurs, buf: &[u8]) -> Result<u16, TargetError> {
+    let value = match target {
+        Occurs::Never => return Err(TargetError::Missing),
+        Occurs::More => return Err(TargetError::Invalid),
+        Occurs::Once(value) => value.of(buf),
     };
-    if values.next().is_some() {
-        return Err(TargetError::Invalid);
-    }
     // Header values may carry obs-text bytes; none of them can form a valid target.
-    let value = std::str::from_utf8(value.as_bytes()).map_err(|_| TargetError::Invalid)?;
+    let value = std::str::from_utf8(value).map_err(|_| TargetError::Invalid)?;
     parse_target(value)
 }
 
@@ -85,7 +82,6 @@ fn parse_port(digits: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
     use TargetError::*;
 
     #[test]
@@ -153,17 +149,24 @@ mod tests {
 
     #[test]
     fn header_presence() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(target_port(&headers), Err(Missing));
-        headers.insert(
-            "X-Iterate-Proxy-Target-Host",
-            HeaderValue::from_static("4096__m"),
+        let head = |raw: &str| {
+            crate::http1::request::parse(raw.as_bytes(), 65536)
+                .unwrap()
+                .unwrap()
+        };
+        let check = |raw: &str| target_port(head(raw).target_host, raw.as_bytes());
+        assert_eq!(check("GET / HTTP/1.1\r\n\r\n"), Err(Missing));
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nX-Iterate-Proxy-Target-Host: 4096__m\r\n\r\n"),
+            Ok(4096)
         );
-        assert_eq!(target_port(&headers), Ok(4096));
-        headers.append(TARGET_HEADER, HeaderValue::from_static("4096__m"));
-        assert_eq!(target_port(&headers), Err(Invalid), "sent twice");
-        let mut headers = HeaderMap::new();
-        headers.insert(TARGET_HEADER, HeaderValue::from_bytes(b"80__\xff").unwrap());
-        assert_eq!(target_port(&headers), Err(Invalid), "obs-text");
+        assert_eq!(
+            check("GET / HTTP/1.1\r\nx-iterate-proxy-target-host: 4096__m\r\nX-ITERATE-PROXY-TARGET-HOST: 4096__m\r\n\r\n"),
+            Err(Invalid),
+            "sent twice"
+        );
+        let obs = b"GET / HTTP/1.1\r\nX-Iterate-Proxy-Target-Host: 80__\xff\r\n\r\n";
+        let h = crate::http1::request::parse(obs, 65536).unwrap().unwrap();
+        assert_eq!(target_port(h.target_host, obs), Err(Invalid), "obs-text");
     }
 }

@@ -7,7 +7,6 @@ pub mod ebpf;
 pub mod socket;
 pub mod splice;
 
-use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -94,17 +93,14 @@ impl Tunnels {
         self.relay.clone()
     }
 
-    /// Runs a tunnel once `upgraded` yields its sockets (after both sides' upgrades).
-    pub fn spawn(&self, upgraded: impl Future<Output = Option<Tunnel>> + Send + 'static) {
+    /// Runs a tunnel; `hold` (its descriptors in the capacity budget) lives as long as it.
+    pub fn start(&self, tunnel: Tunnel, hold: impl Send + 'static) {
         let relay = self.relay.clone();
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
+            let _hold = hold;
             tokio::select! {
-                _ = async {
-                    if let Some(tunnel) = upgraded.await {
-                        run(tunnel, relay).await;
-                    }
-                } => {}
+                _ = run(tunnel, relay) => {}
                 _ = shutdown.cancelled() => {}
             }
         });

@@ -1,0 +1,159 @@
+//! Log lines leave the request path without a syscall: each thread appends formatted lines
+//! to a buffer of its own; worker threads hand theirs over when it is full or when the
+//! worker is about to sleep (tokio's park hook), other threads after every line. One
+//! writer thread writes the handed-over buffers to stderr. When the reader of stderr
+//! (journald, a pipe) is slow, buffers queue up to a bound and past it are dropped,
+//! counted; the count is logged once the reader keeps up again. Request handling never
+//! waits for the log.
+
+use std::cell::{Cell, RefCell};
+use std::io::Write;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A thread's buffer is handed over at this size.
+const BATCH_BYTES: usize = 32 * 1024;
+/// Most bytes waiting for the writer; past it, handed-over buffers are dropped.
+const MAX_PENDING_BYTES: usize = 8 << 20;
+/// The writer wakes at least this often (worker buffers arrive without a wake-up).
+const WRITER_TICK: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct Queue {
+    buffers: Vec<Vec<u8>>,
+    bytes: usize,
+    /// Lines dropped since the writer last reported.
+    dropped_lines: u64,
+    stopping: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+static SHARED: OnceLock<Shared> = OnceLock::new();
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Worker threads batch; every other thread hands each line over at once.
+    static BATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Starts the writer thread (idempotent).
+pub fn start() {
+    let shared = SHARED.get_or_init(|| Shared {
+        queue: Mutex::new(Queue::default()),
+        wake: Condvar::new(),
+        writer: Mutex::new(None),
+    });
+    let mut writer = shared.writer.lock().unwrap();
+    if writer.is_none() {
+        *writer = Some(
+            std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(write_loop)
+                .expect("spawning the log writer thread"),
+        );
+    }
+}
+
+/// Marks the current thread as a worker: its lines are batched until [`flush`].
+pub fn batch_this_thread() {
+    BATCHING.with(|b| b.set(true));
+}
+
+/// Appends to this thread's buffer with `fill`, then hands it over if due.
+pub fn append(fill: impl FnOnce(&mut Vec<u8>)) {
+    let due = BUFFER.with(|b| {
+        let mut b = b.borrow_mut();
+        fill(&mut b);
+        b.len() >= BATCH_BYTES || !BATCHING.with(Cell::get)
+    });
+    if due {
+        flush();
+    }
+}
+
+/// Hands this thread's buffer to the writer (a worker calls it before it sleeps).
+pub fn flush() {
+    let Some(shared) = SHARED.get() else {
+        // No writer (unit tests, early start-up errors): write directly.
+        BUFFER.with(|b| {
+            let mut b = b.borrow_mut();
+            let _ = std::io::stderr().write_all(&b);
+            b.clear();
+        });
+        return;
+    };
+    let buffer = BUFFER.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.is_empty() {
+            return None;
+        }
+        Some(std::mem::replace(&mut *b, Vec::with_capacity(BATCH_BYTES)))
+    });
+    let Some(buffer) = buffer else { return };
+    let mut queue = shared.queue.lock().unwrap();
+    if queue.bytes + buffer.len() > MAX_PENDING_BYTES {
+        queue.dropped_lines += buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        return;
+    }
+    queue.bytes += buffer.len();
+    queue.buffers.push(buffer);
+    if !BATCHING.with(Cell::get) {
+        shared.wake.notify_one();
+    }
+}
+
+/// Flushes this thread, then waits until the writer has written everything queued and
+/// stops it (end of the process).
+pub fn stop() {
+    flush();
+    let Some(shared) = SHARED.get() else { return };
+    shared.queue.lock().unwrap().stopping = true;
+    shared.wake.notify_one();
+    if let Some(writer) = shared.writer.lock().unwrap().take() {
+        let _ = writer.join();
+    }
+}
+
+fn write_loop() {
+    let shared = SHARED.get().expect("started");
+    let mut stderr = std::io::stderr().lock();
+    loop {
+        let (buffers, dropped, stopping) = {
+            let mut queue = shared.queue.lock().unwrap();
+            if queue.buffers.is_empty() && !queue.stopping {
+                queue = shared.wake.wait_timeout(queue, WRITER_TICK).unwrap().0;
+            }
+            queue.bytes = 0;
+            (
+                std::mem::take(&mut queue.buffers),
+                std::mem::take(&mut queue.dropped_lines),
+                queue.stopping,
+            )
+        };
+        for b in &buffers {
+            // A failed write (stderr closed) loses these lines; nothing else can be done.
+            let _ = stderr.write_all(b);
+        }
+        if dropped > 0 {
+            // Written after the lines that made it: the reader is keeping up again.
+            let mut line = Vec::new();
+            super::format_notice(
+                &mut line,
+                "WARN",
+                "log lines dropped while the log reader was not keeping up",
+                &[("dropped_lines", dropped)],
+            );
+            let _ = stderr.write_all(&line);
+        }
+        let _ = stderr.flush();
+        if stopping && buffers.is_empty() {
+            return;
+        }
+    }
+}
