@@ -3,6 +3,7 @@
 //! what is left, exit.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -110,6 +111,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         keepalive: args.keepalive(),
         connections: TaskTracker::new(),
         stop_accepting: CancellationToken::new(),
+        draining: AtomicBool::new(false),
         force_close: CancellationToken::new(),
     }));
 
@@ -126,6 +128,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         _ = sigint.recv() => tracing::info!("SIGINT received"),
     }
 
+    shared.draining.store(true, Ordering::Relaxed);
     shared.stop_accepting.cancel();
     tracing::info!(
         grace_ms = args.shutdown_grace.as_millis() as u64,

@@ -5,6 +5,7 @@ pub mod client;
 pub mod daemon;
 pub mod netns;
 pub mod pattern;
+pub mod recording;
 pub mod upstream;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -54,8 +54,7 @@ pub struct RequestHead {
     pub target: Span,
     /// HTTP/1.1 (else HTTP/1.0).
     pub http11: bool,
-    pub fields: [Field; MAX_HEADERS],
-    pub field_count: usize,
+    pub fields: Vec<Field>,
     pub framing: Framing,
     /// The client allows another request on this connection after this one.
     pub keep_alive: bool,
@@ -77,7 +76,7 @@ pub struct RequestHead {
 
 impl RequestHead {
     pub fn fields(&self) -> &[Field] {
-        &self.fields[..self.field_count]
+        &self.fields
     }
 
     pub fn method<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
@@ -123,8 +122,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
         method,
         target,
         http11,
-        fields: [Field::default(); MAX_HEADERS],
-        field_count: req.headers.len(),
+        fields: Vec::with_capacity(req.headers.len()),
         framing: Framing::Empty,
         keep_alive: http11,
         upgrade: false,
@@ -141,7 +139,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
     for (i, h) in req.headers.iter().enumerate() {
         let name = Span::within(buf, h.name.as_bytes());
         let value = Span::within(buf, h.value);
-        head.fields[i] = Field { name, value };
+        head.fields.push(Field { name, value });
         let known = Known::of(h.name.as_bytes());
         if known.is_hop_by_hop() {
             head.dropped.insert(i);
@@ -204,7 +202,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
         (Some(true), None) => {
             // Hop-by-hop, but the body passes through still chunked: its coding fields
             // go with it.
-            for (i, f) in head.fields[..head.field_count].iter().enumerate() {
+            for (i, f) in head.fields.iter().enumerate() {
                 if Known::of(f.name.of(buf)) == Known::TransferEncoding {
                     head.dropped.remove(i);
                 }
@@ -221,7 +219,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
         head.keep_alive = connection.keep_alive && !connection.close;
     }
     if connection.names_fields {
-        drop_nominated(buf, &head.fields[..head.field_count], &mut head.dropped);
+        drop_nominated(buf, &head.fields, &mut head.dropped);
     }
     let reusable = match head.request_id {
         Occurs::Once(id) => crate::request_id::is_reusable(id.of(buf)),
@@ -231,7 +229,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
         // Several ids, or one that cannot be reused: none is passed on; the proxy makes
         // one.
         head.request_id = Occurs::Never;
-        for (i, f) in head.fields[..head.field_count].iter().enumerate() {
+        for (i, f) in head.fields.iter().enumerate() {
             if Known::of(f.name.of(buf)) == Known::RequestId {
                 head.dropped.insert(i);
             }

@@ -30,8 +30,7 @@ pub struct ResponseHead {
     pub len: usize,
     pub status: u16,
     pub reason: Span,
-    pub fields: [Field; MAX_HEADERS],
-    pub field_count: usize,
+    pub fields: Vec<Field>,
     pub framing: Framing,
     /// The upstream allows another request on this connection after this response.
     pub keep_alive: bool,
@@ -45,7 +44,7 @@ pub struct ResponseHead {
 
 impl ResponseHead {
     pub fn fields(&self) -> &[Field] {
-        &self.fields[..self.field_count]
+        &self.fields
     }
 
     /// An interim response (1xx other than 101): another head follows.
@@ -89,8 +88,7 @@ pub fn parse(
         len,
         status,
         reason,
-        fields: [Field::default(); MAX_HEADERS],
-        field_count: resp.headers.len(),
+        fields: Vec::with_capacity(resp.headers.len()),
         framing: Framing::UntilClose,
         keep_alive: http11,
         idle_timeout_hint: None,
@@ -101,10 +99,10 @@ pub fn parse(
     let mut length_invalid = false;
     let mut te_chunked: Option<bool> = None;
     for (i, h) in resp.headers.iter().enumerate() {
-        head.fields[i] = Field {
+        head.fields.push(Field {
             name: Span::within(buf, h.name.as_bytes()),
             value: Span::within(buf, h.value),
-        };
+        });
         let known = Known::of(h.name.as_bytes());
         if known.is_hop_by_hop() {
             head.dropped.insert(i);
@@ -138,7 +136,7 @@ pub fn parse(
         Framing::Empty
     } else if let Some(chunked) = te_chunked {
         // Transfer-Encoding wins over Content-Length, which is then not relayed.
-        for (i, f) in head.fields[..head.field_count].iter().enumerate() {
+        for (i, f) in head.fields.iter().enumerate() {
             match Known::of(f.name.of(buf)) {
                 Known::ContentLength => head.dropped.insert(i),
                 Known::TransferEncoding if chunked => head.dropped.remove(i),
@@ -161,14 +159,14 @@ pub fn parse(
     };
     if no_body && te_chunked == Some(true) {
         // HEAD/304 describe the body they would have: keep the field as sent.
-        for (i, f) in head.fields[..head.field_count].iter().enumerate() {
+        for (i, f) in head.fields.iter().enumerate() {
             if Known::of(f.name.of(buf)) == Known::TransferEncoding {
                 head.dropped.remove(i);
             }
         }
     }
     if status == 101 {
-        for (i, f) in head.fields[..head.field_count].iter().enumerate() {
+        for (i, f) in head.fields.iter().enumerate() {
             if Known::of(f.name.of(buf)) == Known::Upgrade {
                 head.dropped.remove(i);
             }
@@ -180,7 +178,7 @@ pub fn parse(
         connection.keep_alive && !connection.close
     } && head.framing != Framing::UntilClose;
     if connection.names_fields {
-        drop_nominated(buf, &head.fields[..head.field_count], &mut head.dropped);
+        drop_nominated(buf, &head.fields, &mut head.dropped);
     }
     Ok(Some(head))
 }

@@ -115,6 +115,15 @@ fn civil_from_days(z: i64) -> (i64, u64, u64) {
 /// A JSON string (quotes included). Bytes that are not valid UTF-8 become U+FFFD.
 pub(crate) fn json_string(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
+    // Nearly always plain printable ASCII: one pass, one copy.
+    if bytes
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let valid = std::str::from_utf8(bytes).is_ok();
     for &b in bytes {
         match b {

@@ -2,6 +2,7 @@
 //! decides → answer it here or forward it → one access line. A 101 turns the connection
 //! into a tunnel. Everything runs in this connection's task on one worker thread.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -197,7 +198,7 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
                     head_method: !with_body,
                     client_http11: head.http11,
                     // Draining: this response closes the connection.
-                    client_keep_alive: head.keep_alive && !shared.stop_accepting.is_cancelled(),
+                    client_keep_alive: head.keep_alive && !shared.draining.load(Ordering::Relaxed),
                     upgrade: route.upgrade,
                     max_response_head: shared.max_response_head,
                 };

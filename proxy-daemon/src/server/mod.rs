@@ -7,6 +7,7 @@
 pub mod connection;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -39,6 +40,8 @@ pub struct Shared {
     /// Cancelled at SIGTERM: stop accepting, close idle connections, answer in-flight
     /// requests with `Connection: close`.
     pub stop_accepting: CancellationToken,
+    /// The same, as a flag read once per request (cheaper than the token).
+    pub draining: AtomicBool,
     /// Cancelled when the shutdown grace is over: connections still open are reset.
     pub force_close: CancellationToken,
 }

@@ -1,0 +1,221 @@
+//! [`RecordingApp`]: a raw HTTP/1.1 upstream that records every request head exactly as
+//! it arrived (what a smuggling test must inspect: a normalising server would hide it),
+//! answers each request with its method and path, and can close idle keep-alive
+//! connections on a timer the way Node and most servers do (without announcing it).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Request line and fields, exactly as received.
+    pub head: String,
+    pub body: Vec<u8>,
+    /// Index of the upstream connection it came on (0-based, in accept order).
+    pub connection: usize,
+}
+
+impl Recorded {
+    /// Whether a field of this name is in the head (case-insensitive).
+    pub fn has_field(&self, name: &str) -> bool {
+        self.head.lines().skip(1).any(|l| {
+            l.split_once(':')
+                .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        })
+    }
+
+    pub fn request_line(&self) -> &str {
+        self.head.lines().next().unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    requests: Vec<Recorded>,
+    connections: usize,
+}
+
+pub struct RecordingApp {
+    log: Arc<Mutex<Log>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RecordingApp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RecordingApp {
+    /// `idle_close`: close a keep-alive connection that stays idle this long.
+    pub fn start(listener: TcpListener, idle_close: Option<Duration>) -> RecordingApp {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let l = log.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let connection = {
+                    let mut log = l.lock().unwrap();
+                    log.connections += 1;
+                    log.connections - 1
+                };
+                tokio::spawn(serve(stream, connection, idle_close, l.clone()));
+            }
+        });
+        RecordingApp { log, task }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.log.lock().unwrap().requests.clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.log.lock().unwrap().connections
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    connection: usize,
+    idle_close: Option<Duration>,
+    log: Arc<Mutex<Log>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let (head_len, method, path, framing) = loop {
+            if let Some(parsed) = parse_head(&buf) {
+                match parsed {
+                    Ok(p) => break p,
+                    Err(_) => return,
+                }
+            }
+            let read = async {
+                let mut chunk = [0u8; 16384];
+                stream.read(&mut chunk).await.map(|n| chunk[..n].to_vec())
+            };
+            let bytes = match (idle_close, buf.is_empty()) {
+                (Some(idle), true) => match tokio::time::timeout(idle, read).await {
+                    Ok(r) => r,
+                    Err(_) => return, // idle: close, as servers do on their keep-alive timer
+                },
+                _ => read.await,
+            };
+            match bytes {
+                Ok(b) if !b.is_empty() => buf.extend_from_slice(&b),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+        buf.drain(..head_len);
+        let body = match read_body(&mut stream, &mut buf, framing).await {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        log.lock().unwrap().requests.push(Recorded {
+            head,
+            body: body.clone(),
+            connection,
+        });
+        let answer = format!("{method} {path} body={}", body.len());
+        let out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{answer}",
+            answer.len()
+        );
+        if stream.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+enum BodyFraming {
+    Length(usize),
+    Chunked,
+}
+
+type Head = (usize, String, String, BodyFraming);
+
+/// `None`: incomplete.
+fn parse_head(buf: &[u8]) -> Option<Result<Head>> {
+    let mut fields = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return None,
+        Err(e) => return Some(Err(e.into())),
+    };
+    let mut framing = BodyFraming::Length(0);
+    for f in req.headers.iter() {
+        if f.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(f.value).ok()?.trim().parse().ok()?;
+            framing = BodyFraming::Length(n);
+        }
+        if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            framing = BodyFraming::Chunked;
+        }
+    }
+    Some(Ok((
+        len,
+        req.method.unwrap_or_default().to_owned(),
+        req.path.unwrap_or_default().to_owned(),
+        framing,
+    )))
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 16384];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        bail!("closed mid-body");
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+async fn line(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<String> {
+    loop {
+        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+            buf.drain(..i + 2);
+            return Ok(line);
+        }
+        fill(stream, buf).await?;
+    }
+}
+
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    framing: BodyFraming,
+) -> Result<Vec<u8>> {
+    match framing {
+        BodyFraming::Length(n) => {
+            while buf.len() < n {
+                fill(stream, buf).await?;
+            }
+            Ok(buf.drain(..n).collect())
+        }
+        BodyFraming::Chunked => {
+            let mut body = Vec::new();
+            loop {
+                let size_line = line(stream, buf).await?;
+                let size =
+                    usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)?;
+                if size == 0 {
+                    // Trailer fields up to the empty line.
+                    while !line(stream, buf).await?.is_empty() {}
+                    return Ok(body);
+                }
+                while buf.len() < size + 2 {
+                    fill(stream, buf).await?;
+                }
+                body.extend_from_slice(&buf[..size]);
+                buf.drain(..size + 2);
+            }
+        }
+    }
+}
