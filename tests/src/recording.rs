@@ -2,6 +2,10 @@
 //! it arrived (what a smuggling test must inspect: a normalising server would hide it),
 //! answers each request with its method and path, and can close idle keep-alive
 //! connections on a timer the way Node and most servers do (without announcing it).
+//!
+//! Node runs expired timers before it reads sockets in each turn of its event loop, so a
+//! request that arrives just before the keep-alive timer fires is never read: the socket
+//! is destroyed with it unread (RST). `IdleClose::late_by` models that turn.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,6 +45,14 @@ struct Log {
     connections: usize,
 }
 
+/// Close a keep-alive connection idle for `after`, `late_by` later, without reading what
+/// arrived in between.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleClose {
+    pub after: Duration,
+    pub late_by: Duration,
+}
+
 pub struct RecordingApp {
     log: Arc<Mutex<Log>>,
     task: JoinHandle<()>,
@@ -53,8 +65,7 @@ impl Drop for RecordingApp {
 }
 
 impl RecordingApp {
-    /// `idle_close`: close a keep-alive connection that stays idle this long.
-    pub fn start(listener: TcpListener, idle_close: Option<Duration>) -> RecordingApp {
+    pub fn start(listener: TcpListener, idle_close: Option<IdleClose>) -> RecordingApp {
         let log = Arc::new(Mutex::new(Log::default()));
         let l = log.clone();
         let task = tokio::spawn(async move {
@@ -82,7 +93,7 @@ impl RecordingApp {
 async fn serve(
     mut stream: TcpStream,
     connection: usize,
-    idle_close: Option<Duration>,
+    idle_close: Option<IdleClose>,
     log: Arc<Mutex<Log>>,
 ) {
     let mut buf = Vec::new();
@@ -99,9 +110,14 @@ async fn serve(
                 stream.read(&mut chunk).await.map(|n| chunk[..n].to_vec())
             };
             let bytes = match (idle_close, buf.is_empty()) {
-                (Some(idle), true) => match tokio::time::timeout(idle, read).await {
+                (Some(idle), true) => match tokio::time::timeout(idle.after, read).await {
                     Ok(r) => r,
-                    Err(_) => return, // idle: close, as servers do on their keep-alive timer
+                    Err(_) => {
+                        // Idle: closed on the keep-alive timer, a little late, with whatever
+                        // arrived meanwhile unread.
+                        tokio::time::sleep(idle.late_by).await;
+                        return;
+                    }
                 },
                 _ => read.await,
             };
