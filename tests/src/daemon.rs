@@ -81,6 +81,22 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The log once it contains `needle` (lines are written in batches, a few
+    /// milliseconds after the event); fails after 5 s.
+    pub async fn log_containing(&self, needle: &str) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return Ok(logs);
+            }
+            if Instant::now() > deadline {
+                bail!("the log never contained {needle:?}:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         // `ip netns exec` execs the program, so the child is the daemon itself.
         self.child.id() as i32

@@ -43,6 +43,8 @@ impl Recorded {
 struct Log {
     requests: Vec<Recorded>,
     connections: usize,
+    /// Hanging connections the proxy closed.
+    closed_by_peer: Vec<usize>,
 }
 
 /// Close a keep-alive connection idle for `after`, `late_by` later, without reading what
@@ -51,6 +53,40 @@ struct Log {
 pub struct IdleClose {
     pub after: Duration,
     pub late_by: Duration,
+}
+
+/// What the app sends back for a request, and what it does next.
+pub struct Reply {
+    pub bytes: Vec<u8>,
+    pub then: Then,
+}
+
+pub enum Then {
+    /// Read the next request on the connection.
+    KeepAlive,
+    /// Close the connection after writing.
+    Close,
+    /// Keep the connection open and never answer anything again (until the peer closes
+    /// it, which is recorded).
+    Hang,
+}
+
+/// Makes the reply to a request.
+pub type Responder = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+/// The default reply: `200`, body `<method> <path> body=<n>`.
+pub fn echo_reply(r: &Recorded) -> Reply {
+    let mut line = r.request_line().split(' ');
+    let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+    let answer = format!("{method} {path} body={}", r.body.len());
+    Reply {
+        bytes: format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{answer}",
+            answer.len()
+        )
+        .into_bytes(),
+        then: Then::KeepAlive,
+    }
 }
 
 pub struct RecordingApp {
@@ -66,6 +102,15 @@ impl Drop for RecordingApp {
 
 impl RecordingApp {
     pub fn start(listener: TcpListener, idle_close: Option<IdleClose>) -> RecordingApp {
+        Self::start_with(listener, idle_close, Arc::new(echo_reply))
+    }
+
+    /// An app whose replies come from `responder`.
+    pub fn start_with(
+        listener: TcpListener,
+        idle_close: Option<IdleClose>,
+        responder: Responder,
+    ) -> RecordingApp {
         let log = Arc::new(Mutex::new(Log::default()));
         let l = log.clone();
         let task = tokio::spawn(async move {
@@ -75,7 +120,13 @@ impl RecordingApp {
                     log.connections += 1;
                     log.connections - 1
                 };
-                tokio::spawn(serve(stream, connection, idle_close, l.clone()));
+                tokio::spawn(serve(
+                    stream,
+                    connection,
+                    idle_close,
+                    l.clone(),
+                    responder.clone(),
+                ));
             }
         });
         RecordingApp { log, task }
@@ -88,6 +139,11 @@ impl RecordingApp {
     pub fn connections(&self) -> usize {
         self.log.lock().unwrap().connections
     }
+
+    /// Connections left hanging (`Then::Hang`) that the proxy has since closed.
+    pub fn closed_by_peer(&self) -> Vec<usize> {
+        self.log.lock().unwrap().closed_by_peer.clone()
+    }
 }
 
 async fn serve(
@@ -95,10 +151,11 @@ async fn serve(
     connection: usize,
     idle_close: Option<IdleClose>,
     log: Arc<Mutex<Log>>,
+    responder: Responder,
 ) {
     let mut buf = Vec::new();
     loop {
-        let (head_len, method, path, framing) = loop {
+        let (head_len, framing) = loop {
             if let Some(parsed) = parse_head(&buf) {
                 match parsed {
                     Ok(p) => break p,
@@ -132,18 +189,25 @@ async fn serve(
             Ok(b) => b,
             Err(_) => return,
         };
-        log.lock().unwrap().requests.push(Recorded {
+        let recorded = Recorded {
             head,
-            body: body.clone(),
+            body,
             connection,
-        });
-        let answer = format!("{method} {path} body={}", body.len());
-        let out = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{answer}",
-            answer.len()
-        );
-        if stream.write_all(out.as_bytes()).await.is_err() {
+        };
+        let reply = responder(&recorded);
+        log.lock().unwrap().requests.push(recorded);
+        if stream.write_all(&reply.bytes).await.is_err() {
             return;
+        }
+        match reply.then {
+            Then::KeepAlive => {}
+            Then::Close => return,
+            Then::Hang => {
+                let mut sink = [0u8; 4096];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                log.lock().unwrap().closed_by_peer.push(connection);
+                return;
+            }
         }
     }
 }
@@ -153,7 +217,7 @@ enum BodyFraming {
     Chunked,
 }
 
-type Head = (usize, String, String, BodyFraming);
+type Head = (usize, BodyFraming);
 
 /// `None`: incomplete.
 fn parse_head(buf: &[u8]) -> Option<Result<Head>> {
@@ -174,12 +238,7 @@ fn parse_head(buf: &[u8]) -> Option<Result<Head>> {
             framing = BodyFraming::Chunked;
         }
     }
-    Some(Ok((
-        len,
-        req.method.unwrap_or_default().to_owned(),
-        req.path.unwrap_or_default().to_owned(),
-        framing,
-    )))
+    Some(Ok((len, framing)))
 }
 
 async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {

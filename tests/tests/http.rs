@@ -163,8 +163,7 @@ async fn headers_are_rewritten_as_specified() -> Result<()> {
         .expect("request id")
         .to_owned();
     assert!(id.len() >= 16);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let logs = s.daemon.logs();
+    let logs = s.daemon.log_containing(&id).await?;
     let line = logs
         .lines()
         .find(|l| l.contains(&id))
@@ -531,6 +530,6 @@ async fn upstream_connect_timeout_is_502() -> Result<()> {
         "{:?}",
         started.elapsed()
     );
-    assert!(s.daemon.logs().contains("timed out"));
+    s.daemon.log_containing("timed out").await?;
     Ok(())
 }

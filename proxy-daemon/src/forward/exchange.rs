@@ -4,6 +4,7 @@
 //! by closing is chunk-encoded for HTTP/1.1 clients, a chunked one decoded for HTTP/1.0).
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::Interest;
@@ -23,6 +24,8 @@ use super::upstream::Upstream;
 const REPLAY_LIMIT: usize = 64 * 1024;
 /// Response bytes that ride in the same write as the response head.
 const COALESCE_LIMIT: usize = 16 * 1024;
+/// How long an exchange runs before the client's connection is watched for a close.
+const CLIENT_WATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the exchange needs to know about the request.
 #[derive(Debug, Clone, Copy)]
@@ -241,24 +244,58 @@ async fn send_body(
 /// awaited or relayed (an HTTP client does not half-close mid-exchange; nginx reads it the
 /// same way), so an upstream that never answers does not hold the exchange for ever.
 /// Pipelined bytes are left for later: then only a reset counts.
+///
+/// Watching starts after a short delay: the read readiness left from reading the request
+/// is usually stale, and telling it from a close costs a syscall that a quick exchange
+/// should not pay.
 async fn client_gone(client: &TcpStream) -> io::Error {
-    match client.ready(Interest::READABLE | Interest::ERROR).await {
-        Ok(r) if r.is_error() => {}
-        Ok(r) if r.is_read_closed() => {
-            return io::Error::new(io::ErrorKind::UnexpectedEof, "closed its connection")
+    tokio::time::sleep(CLIENT_WATCH_DELAY).await;
+    loop {
+        let ready = match client.ready(Interest::READABLE | Interest::ERROR).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        if ready.is_error() {
+            break;
         }
-        Ok(_) => {
-            if let Err(e) = client.ready(Interest::ERROR).await {
-                return e;
+        // Clears the readiness if it was stale (WouldBlock), so the next wait is real.
+        match client.try_io(Interest::READABLE, || peek(client)) {
+            Ok(0) => return io::Error::new(io::ErrorKind::UnexpectedEof, "closed its connection"),
+            Ok(_) => {
+                // Pipelined bytes: left for later; from now on only a reset counts.
+                if let Err(e) = client.ready(Interest::ERROR).await {
+                    return e;
+                }
+                break;
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return e,
         }
-        Err(e) => return e,
     }
     client
         .take_error()
         .ok()
         .flatten()
         .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())
+}
+
+/// `recv(MSG_PEEK)` of one byte, without blocking.
+fn peek(s: &TcpStream) -> io::Result<usize> {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte buffer we own; the fd is open for the borrow's duration.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// How the response body reaches the client.

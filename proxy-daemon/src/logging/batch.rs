@@ -77,6 +77,14 @@ pub fn append(fill: impl FnOnce(&mut Vec<u8>)) {
     }
 }
 
+/// Hands this thread's buffer to the writer and wakes it.
+pub fn flush_now() {
+    flush();
+    if let Some(shared) = SHARED.get() {
+        shared.wake.notify_one();
+    }
+}
+
 /// Hands this thread's buffer to the writer (a worker calls it before it sleeps).
 pub fn flush() {
     let Some(shared) = SHARED.get() else {

@@ -51,12 +51,23 @@ struct Batched;
 
 impl<'a> MakeWriter<'a> for Batched {
     type Writer = BatchedEvent;
+
     fn make_writer(&'a self) -> BatchedEvent {
-        BatchedEvent
+        BatchedEvent { urgent: false }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> BatchedEvent {
+        BatchedEvent {
+            urgent: *meta.level() <= tracing::Level::WARN,
+        }
     }
 }
 
-struct BatchedEvent;
+/// One event's bytes. Warnings and errors leave at once (they are rare, and an operator
+/// watching the log should not wait for a batch to fill).
+struct BatchedEvent {
+    urgent: bool,
+}
 
 impl std::io::Write for BatchedEvent {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -66,6 +77,14 @@ impl std::io::Write for BatchedEvent {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl Drop for BatchedEvent {
+    fn drop(&mut self) {
+        if self.urgent {
+            batch::flush_now();
+        }
     }
 }
 
