@@ -43,9 +43,11 @@ enum Cmd {
     },
     /// The long fast-path torture run (many repetitions of the bulk and close cases).
     Torture,
-    /// Benchmark the daemon against direct, Node http-proxy, nginx and HAProxy.
+    /// Benchmark the daemon against direct, Node http-proxy, nginx and HAProxy; a full run
+    /// writes bench/results/.
     Bench {
-        /// A small smoke run that only checks every system moved correct bytes.
+        /// A small smoke run that only checks every system moved correct bytes; results
+        /// under target/bench-quick/ (tracked files untouched).
         #[arg(long)]
         quick: bool,
     },
