@@ -7,9 +7,10 @@
 //!
 //! This file only orchestrates: for each system, start the upstream app and the proxy,
 //! run every scenario (`scenarios/`, one file each) that the system takes part in, and
-//! collect the rows.
+//! collect the rows. `http_cost` is the separate loopback probe of issue 8.
 
 mod context;
+pub mod http_cost;
 mod measure;
 mod procs;
 mod report;
