@@ -9,7 +9,9 @@
 //! `Host: localhost:<port>` and without the target header, so every proxy does the same
 //! rewrite work and a wrong one fails instead of looking fast.
 
-use std::fmt::Write as _;
+mod configs;
+mod table;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,11 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tests::netns::Netns;
 
-use super::measure::{median, proxy_cpu_secs};
-use super::procs::{self, Proc};
-use super::report::fmt_num;
-use super::results;
-use super::wrk;
+use crate::bench::measure::proxy_cpu_secs;
+use crate::bench::procs::{self, Proc};
+use crate::bench::results;
+use crate::bench::wrk;
 
 /// What to measure and how long; `cargo xtask http-cost --help` documents each field.
 pub struct Options {
@@ -92,7 +93,7 @@ pub fn run(opts: Options) -> Result<()> {
 
     let dir = tmp.0.as_path();
     let upstream_conf = dir.join("upstream-nginx.conf");
-    std::fs::write(&upstream_conf, upstream_nginx_conf(dir))?;
+    std::fs::write(&upstream_conf, configs::upstream_nginx(dir))?;
     let upstream = start(
         &ns,
         &rt,
@@ -180,7 +181,7 @@ pub fn run(opts: Options) -> Result<()> {
     drop(upstream);
     drop(ns);
 
-    let md = markdown(
+    let md = table::markdown(
         &opts,
         &daemon,
         &systems,
@@ -306,12 +307,12 @@ fn command(
         }
         Kind::Nginx => {
             let conf = dir.join(format!("nginx-{port}.conf"));
-            std::fs::write(&conf, proxy_nginx_conf(dir, port))?;
+            std::fs::write(&conf, configs::proxy_nginx(dir, port))?;
             nginx_cmd(ns, dir, &conf)
         }
         Kind::Haproxy => {
             let conf = dir.join("haproxy.cfg");
-            std::fs::write(&conf, haproxy_conf(port))?;
+            std::fs::write(&conf, configs::haproxy(port))?;
             let mut cmd = ns.command("haproxy");
             cmd.args(["-db", "-f", conf.to_str().unwrap()]);
             cmd
@@ -343,259 +344,4 @@ fn start(
     // Let multi-process servers start their workers.
     std::thread::sleep(Duration::from_millis(300));
     Ok(proc)
-}
-
-fn temp_paths(dir: &Path) -> String {
-    let d = dir.display();
-    format!(
-        "client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi; \
-         uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;"
-    )
-}
-
-/// The upstream app: nginx, 1 worker, `GET /` → 200 "ok\n" (3 bytes), 421 for a request
-/// not rewritten as a proxy must (Host `localhost:9000`, no target header).
-fn upstream_nginx_conf(dir: &Path) -> String {
-    let d = dir.display();
-    let temp = temp_paths(dir);
-    format!(
-        r#"worker_processes 1;
-pid {d}/upstream-nginx.pid;
-error_log {d}/upstream-nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    {temp}
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    map "$http_host|$http_x_iterate_proxy_target_host" $misrouted {{
-        "{TARGET}|" 0;
-        default 1;
-    }}
-    server {{
-        listen 127.0.0.1:{UPSTREAM_PORT} backlog=4096;
-        location / {{
-            if ($misrouted) {{ return 421; }}
-            return 200 "ok\n";
-        }}
-    }}
-}}
-"#
-    )
-}
-
-/// nginx as the issue's reference: 2 workers, a named `upstream` block with keepalive
-/// (pooled; it lists the one port), access log off.
-fn proxy_nginx_conf(dir: &Path, port: u16) -> String {
-    let d = dir.display();
-    let temp = temp_paths(dir);
-    format!(
-        r#"worker_processes 2;
-pid {d}/nginx-{port}.pid;
-error_log {d}/nginx-{port}-error.log warn;
-events {{ worker_connections 4096; multi_accept on; }}
-http {{
-    access_log off;
-    {temp}
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    map $http_x_iterate_proxy_target_host $target_port {{
-        "~^localhost:(?<p>[0-9]+)$" $p;
-        default "";
-    }}
-    upstream app{UPSTREAM_PORT} {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            if ($target_port = "") {{ return 400; }}
-            proxy_pass http://app{UPSTREAM_PORT};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host localhost:$target_port;
-            proxy_set_header X-Iterate-Proxy-Target-Host "";
-            proxy_set_header X-Iterate-Proxy-Via $http_host;
-            proxy_buffering off;
-            proxy_request_buffering off;
-        }}
-    }}
-}}
-"#
-    )
-}
-
-/// HAProxy 2.6, 2 threads: the port from the header (`set-dst-port`, any port).
-fn haproxy_conf(port: u16) -> String {
-    format!(
-        r#"global
-    maxconn 7900
-    nbthread 2
-
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    option http-keep-alive
-
-frontend fe
-    bind 127.0.0.1:{port}
-    default_backend app
-
-backend app
-    http-request set-var(txn.port) req.hdr(x-iterate-proxy-target-host),regsub(^localhost:,)
-    http-request return status 400 unless {{ var(txn.port) -m reg ^[0-9]+$ }}
-    http-request set-header X-Iterate-Proxy-Via %[req.hdr(host)]
-    http-request set-header Host localhost:%[var(txn.port)]
-    http-request del-header X-Iterate-Proxy-Target-Host
-    http-request set-dst-port var(txn.port)
-    server app 127.0.0.1:0
-"#
-    )
-}
-
-fn markdown(
-    opts: &Options,
-    daemon: &Path,
-    systems: &[System],
-    rounds: &[Vec<Result<Round, String>>],
-    took: Duration,
-    load_start: &str,
-) -> String {
-    let ok = |i: usize| -> Vec<Round> {
-        rounds[i]
-            .iter()
-            .filter_map(|r| r.as_ref().ok().cloned())
-            .collect()
-    };
-    let med = |i: usize, f: fn(&Round) -> f64| median(ok(i).iter().map(f).collect());
-    let nginx = systems.iter().position(|s| s.label == NGINX);
-    let ratio = |i: usize, f: fn(&Round) -> f64| match nginx {
-        Some(n) if med(n, f).is_finite() && med(n, f) > 0.0 && med(i, f).is_finite() => {
-            format!("{:.2}", med(i, f) / med(n, f))
-        }
-        _ => "–".into(),
-    };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# HTTP cost per request on loopback (issue 8's probe), {}\n",
-        results::date("+%Y-%m-%d %H:%M UTC")
-    );
-    let _ = writeln!(
-        s,
-        "- Method: one network namespace, everything on its loopback. `wrk -t2 -c64 -d{}s` `GET /` \
-         of a 3-byte body from an upstream nginx (1 worker, `return 200`); every proxy routes by \
-         `X-Iterate-Proxy-Target-Host: {TARGET}`, rewrites `Host`, removes the target header and \
-         adds `X-Iterate-Proxy-Via` (the upstream answers 421 otherwise; any non-2xx fails the run). \
-         {} round(s), systems interleaved round-robin (each round starts one system later), after a \
-         1 s untimed warm-up each. Figures are medians over the rounds. Proxy CPU = utime+stime of \
-         all the proxy's processes and threads (/proc/<pid>/stat) over the c=64 run / requests. \
-         c=1 latency: a separate `wrk -t1 -c1 -d{}s` run right after each c=64 run. \
-         Log B/req: growth of the daemon's log file (its stderr) per request.",
-        opts.secs, opts.rounds, opts.latency_secs
-    );
-    let _ = writeln!(
-        s,
-        "- Daemon: `{}`{} (default `--splice auto`; default logging = no `RUST_LOG`, JSON since \
-         stderr is a file).",
-        daemon.display(),
-        if opts.daemon_args.is_empty() {
-            String::new()
-        } else {
-            format!(" with `{}`", opts.daemon_args.join(" "))
-        }
-    );
-    if let Some(b) = &opts.baseline_daemon {
-        let _ = writeln!(s, "- Baseline daemon build: `{}`.", b.display());
-    }
-    let _ = writeln!(
-        s,
-        "- Commit: {} · {} · {}\n- Run took {:.0} s; load average {load_start} at start, {} at \
-         the end. Client, proxies and upstream share the machine's CPUs: a proxy that spends more \
-         CPU leaves less for the others, so req/s falls with it. Compare within one run.\n",
-        commit(),
-        results::machine(),
-        results::versions(),
-        took.as_secs_f64(),
-        results::loadavg(),
-    );
-    let _ = writeln!(
-        s,
-        "| system | req/s ↑ | ×nginx | proxy CPU µs/req ↓ | ×nginx | c=1 p50 µs ↓ | c=1 p99 µs ↓ | ×nginx (p99) | log B/req |"
-    );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (i, sys) in systems.iter().enumerate() {
-        if ok(i).is_empty() {
-            let why = rounds[i]
-                .iter()
-                .find_map(|r| r.as_ref().err())
-                .map_or("no run", |e| e.as_str());
-            let _ = writeln!(
-                s,
-                "| {} | **FAILED**: {} | | | | | | | |",
-                sys.label,
-                why.replace('|', "/")
-            );
-            continue;
-        }
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            sys.label,
-            fmt_num(med(i, |r| r.req_per_s)),
-            ratio(i, |r| r.req_per_s),
-            fmt_num(med(i, |r| r.cpu_us_per_req)),
-            ratio(i, |r| r.cpu_us_per_req),
-            fmt_num(med(i, |r| r.c1_p50_us)),
-            fmt_num(med(i, |r| r.c1_p99_us)),
-            ratio(i, |r| r.c1_p99_us),
-            fmt_num(med(i, |r| r.log_bytes_per_req)),
-        );
-    }
-    let _ = writeln!(s, "\n## Every round\n");
-    let _ = writeln!(
-        s,
-        "req/s · proxy CPU µs/req · c=1 p50/p99 µs, per round in order.\n"
-    );
-    let _ = writeln!(s, "| system | rounds |\n|---|---|");
-    for (i, sys) in systems.iter().enumerate() {
-        let cells: Vec<String> = rounds[i]
-            .iter()
-            .map(|r| match r {
-                Ok(r) => format!(
-                    "{} · {} · {}/{}",
-                    fmt_num(r.req_per_s),
-                    fmt_num(r.cpu_us_per_req),
-                    fmt_num(r.c1_p50_us),
-                    fmt_num(r.c1_p99_us)
-                ),
-                Err(_) => "FAILED".into(),
-            })
-            .collect();
-        let _ = writeln!(s, "| {} | {} |", sys.label, cells.join(" ‖ "));
-    }
-    s
-}
-
-/// The workspace's commit, marked when the tree has changes.
-fn commit() -> String {
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .current_dir(crate::workspace_root())
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
-    format!(
-        "`{head}`{}",
-        if dirty {
-            " (with uncommitted changes)"
-        } else {
-            ""
-        }
-    )
 }
