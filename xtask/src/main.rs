@@ -43,11 +43,42 @@ enum Cmd {
     },
     /// The long fast-path torture run (many repetitions of the bulk and close cases).
     Torture,
-    /// Benchmark the daemon against direct, Node http-proxy, nginx and HAProxy.
+    /// Benchmark the daemon against direct, Node http-proxy, nginx and HAProxy; a full run
+    /// writes bench/results/.
     Bench {
-        /// A small smoke run that only checks every system moved correct bytes.
+        /// A small smoke run that only checks every system moved correct bytes; results
+        /// under target/bench-quick/ (tracked files untouched).
         #[arg(long)]
         quick: bool,
+    },
+    /// Issue 8's loopback probe: the CPU and rate of small HTTP requests through the daemon
+    /// (default logging and RUST_LOG=warn), nginx and HAProxy; writes
+    /// bench/results/http-cost.md.
+    HttpCost {
+        /// One short round that only checks the probe works; writes under target/bench-quick/.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds; every system runs once per round, interleaved.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds of each `wrk -t2 -c64` run.
+        #[arg(long, default_value_t = 8)]
+        secs: u32,
+        /// Seconds of each `wrk -t1 -c1` latency run.
+        #[arg(long, default_value_t = 5)]
+        latency_secs: u32,
+        /// Daemon binary to measure instead of building this workspace's.
+        #[arg(long, env = "HTTP_COST_DAEMON")]
+        daemon: Option<PathBuf>,
+        /// Extra daemon arguments, whitespace-separated (e.g. "--splice off").
+        #[arg(long, env = "HTTP_COST_DAEMON_ARGS", allow_hyphen_values = true)]
+        daemon_args: Option<String>,
+        /// A second daemon binary measured in the same run with default logging (compare builds).
+        #[arg(long, env = "HTTP_COST_BASELINE_DAEMON")]
+        baseline_daemon: Option<PathBuf>,
+        /// Write the Markdown here instead of bench/results/http-cost.md.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -87,6 +118,36 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             build_daemon()?;
             bench::run(quick)?;
+        }
+        Cmd::HttpCost {
+            quick,
+            rounds,
+            secs,
+            latency_secs,
+            daemon,
+            daemon_args,
+            baseline_daemon,
+            out,
+        } => {
+            let (rounds, secs, latency_secs) = if quick {
+                (1, 2, 1)
+            } else {
+                (rounds.max(1), secs, latency_secs)
+            };
+            bench::http_cost::run(bench::http_cost::Options {
+                quick,
+                rounds,
+                secs,
+                latency_secs,
+                daemon,
+                daemon_args: daemon_args
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect(),
+                baseline_daemon,
+                out,
+            })?;
         }
     }
     Ok(())

@@ -1,10 +1,12 @@
 //! Benchmark load generator and upstream app for `cargo xtask bench`, run inside the
 //! benchmark's network namespaces with `ip netns exec`.
 //!
-//! - `bench_tool upstream PORT`: hyper server on 0.0.0.0:PORT (loopback for the proxies,
-//!   the veth address for "direct") with `/small`, `/download?n=`, `/upload`,
-//!   `/tunnel?down=&up=` (raw tunnel after a WebSocket 101), `/ws` (WebSocket echo) and
-//!   `/idle` (raw echo after a WebSocket 101).
+//! - `bench_tool upstream PORT...`: hyper server on 0.0.0.0:PORT for each PORT (loopback
+//!   for the proxies, the veth address for "direct") with `/small`, `/download?n=`,
+//!   `/upload`, `/tunnel?down=&up=` (raw tunnel after a WebSocket 101), `/ws` (WebSocket
+//!   echo) and `/idle` (raw echo after a WebSocket 101). A request with
+//!   `Host: localhost:<port>` naming another port than the one it arrived on gets 421, so a
+//!   proxy that routes to the wrong port fails the benchmark instead of looking fast.
 //! - `bench_tool client MODE ADDR TARGET ...`: the clients; each prints one JSON line.
 //!
 //! Every byte is checked. The byte stream is `table[o % L] + (o / L)` with a prime `L`,
@@ -140,7 +142,20 @@ async fn raw(req: &mut Request<Incoming>) -> Option<(TcpStream, Bytes)> {
     Some((parts.io.into_inner(), parts.read_buf))
 }
 
-async fn route(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// The port a `Host: localhost:<port>` header names (proxies rewrite Host to it; direct
+/// requests carry the address they connected to instead).
+fn host_port(req: &Request<Incoming>) -> Option<u16> {
+    let host = req.headers().get("host")?.to_str().ok()?;
+    host.strip_prefix("localhost:")?.parse().ok()
+}
+
+async fn route(port: u16, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    if host_port(&req).is_some_and(|p| p != port) {
+        return Ok(Response::builder()
+            .status(StatusCode::MISDIRECTED_REQUEST)
+            .body(full(format!("this is port {port}")))
+            .unwrap());
+    }
     let q = query(&req);
     let path = req.uri().path().to_string();
     let resp = match path.as_str() {
@@ -281,11 +296,22 @@ async fn route(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible>
     Ok(resp)
 }
 
-async fn upstream(port: u16) -> Result<()> {
+async fn upstream(ports: Vec<u16>) -> Result<()> {
     stream(SEED_DOWN);
     stream(SEED_UP);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
-    println!("listening on {}", listener.local_addr()?);
+    let mut listeners = Vec::new();
+    for port in ports {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+        println!("listening on {}", listener.local_addr()?);
+        listeners.push(tokio::spawn(serve(listener, port)));
+    }
+    for l in listeners {
+        l.await?;
+    }
+    Ok(())
+}
+
+async fn serve(listener: tokio::net::TcpListener, port: u16) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -294,7 +320,10 @@ async fn upstream(port: u16) -> Result<()> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), hyper::service::service_fn(route))
+                .serve_connection(
+                    TokioIo::new(stream),
+                    hyper::service::service_fn(move |req| route(port, req)),
+                )
                 .with_upgrades()
                 .await;
         });
@@ -613,18 +642,24 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(|s| s.as_str()) {
         Some("upstream") => {
-            let port: u16 = args.get(1).context("port")?.parse()?;
+            let ports = args[1..]
+                .iter()
+                .map(|p| p.parse::<u16>())
+                .collect::<Result<Vec<u16>, _>>()?;
+            if ports.is_empty() {
+                bail!("upstream: no port");
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(upstream(port))
+                .block_on(upstream(ports))
         }
         Some("client") => {
             let out = client(&args[1..])?;
             println!("{out}");
             Ok(())
         }
-        _ => bail!("usage: bench_tool upstream PORT | bench_tool client MODE ADDR TARGET ..."),
+        _ => bail!("usage: bench_tool upstream PORT... | bench_tool client MODE ADDR TARGET ..."),
     }
 }

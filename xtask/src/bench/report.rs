@@ -6,8 +6,12 @@ use std::fmt::Write as _;
 #[derive(Clone, Debug)]
 pub enum Row {
     Values(Vec<f64>),
+    /// Ran and moved wrong or missing bytes (or errors): never a number.
     Failed(String),
-    Na(String),
+    /// The system could not be run here (e.g. it did not start).
+    Unavailable(String),
+    /// The scenario does not apply to this system by design; the reason is shown.
+    NotApplicable(String),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -19,6 +23,12 @@ pub enum Better {
 pub struct Column {
     pub name: &'static str,
     pub better: Better,
+}
+
+impl Column {
+    pub fn new(name: &'static str, better: Better) -> Column {
+        Column { name, better }
+    }
 }
 
 pub struct Table {
@@ -104,7 +114,7 @@ impl Table {
                         s.push_str(" |");
                     }
                 }
-                Row::Na(why) => {
+                Row::Unavailable(why) | Row::NotApplicable(why) => {
                     let _ = write!(s, " n/a: {} |", why.replace('|', "/"));
                     for _ in 1..self.columns.len() * 3 {
                         s.push_str(" |");
@@ -190,7 +200,7 @@ pub fn svg(tables: &[Table], systems: &[&str]) -> String {
                     _ => (None, "–".into()),
                 },
                 Row::Failed(_) => (None, "FAILED".into()),
-                Row::Na(_) => (None, "n/a".into()),
+                Row::Unavailable(_) | Row::NotApplicable(_) => (None, "n/a".into()),
             };
             bars.push((sys.to_string(), val, text));
         }

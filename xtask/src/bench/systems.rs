@@ -12,7 +12,20 @@ use tests::Topology;
 use super::procs::Proc;
 
 pub const PROXY_PORT: u16 = 8000;
+/// The upstream app's first port: every scenario but the 8-port one targets it.
 pub const UPSTREAM_PORT: u16 = 9000;
+/// The upstream app listens on this many consecutive ports from `UPSTREAM_PORT` (one
+/// process), so a scenario can spread requests over ports by the target header.
+pub const UPSTREAM_PORT_COUNT: u16 = 8;
+
+pub fn upstream_ports() -> impl Iterator<Item = u16> {
+    UPSTREAM_PORT..UPSTREAM_PORT + UPSTREAM_PORT_COUNT
+}
+
+/// The routing header's value for an upstream port.
+pub fn target(port: u16) -> String {
+    format!("localhost:{port}")
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum System {
@@ -52,12 +65,12 @@ impl System {
     pub fn describe(self) -> &'static str {
         match self {
             System::Direct => "client → upstream across the veth, no proxy (the limit)",
-            System::DaemonEbpf => "`project-ingress-proxy --splice ebpf` (kernel SOCKMAP fast path for tunnels), RUST_LOG=warn",
-            System::DaemonOff => "`project-ingress-proxy --splice off` (userspace relay), RUST_LOG=warn",
+            System::DaemonEbpf => "`project-ingress-proxy --splice ebpf` (kernel SOCKMAP fast path for tunnels), default logging (see above)",
+            System::DaemonOff => "`project-ingress-proxy --splice off` (userspace relay), default logging (see above)",
             System::Node => "npm `http-proxy` 1.18 without an agent, as the platform runs it: `Connection: close` upstream, so every request opens a new upstream connection and the upstream's close is relayed to the client",
             System::Nginx => "nginx, realistic routing config: `proxy_pass http://127.0.0.1:$port` with the port taken from the header (a new upstream connection per request), upgrade headers, buffering off, access log off, 2 workers",
-            System::NginxPooled => "nginx with a named `upstream` block + `keepalive 64` for the one benchmark port (pooled upstream connections; needs the port list in the config, so not how routing by header works) — small-HTTP scenario only",
-            System::Haproxy => "HAProxy 2.6, port from the header via `set-dst-port`, `option splice-request` + `option splice-response`, 2 threads, http-keep-alive",
+            System::NginxPooled => "nginx with a named `upstream` block + `keepalive 64` for the one benchmark port (pooled upstream connections; needs the port list in the config, so not how routing by header works) — single-port small-HTTP scenario only",
+            System::Haproxy => "HAProxy 2.6, port from the header via `set-dst-port` (any port, no list), `option splice-request` + `option splice-response`, 2 threads, http-keep-alive",
         }
     }
 }
@@ -187,15 +200,17 @@ pub fn start(
                 "off"
             };
             let mut cmd = topo.machine.command(paths.daemon.to_str().unwrap());
+            // Production logging: no RUST_LOG and no --log-format, so the daemon's defaults
+            // apply (info, JSON because stderr is not a terminal) and every request writes
+            // its access line into the log file, as journald would receive it.
             cmd.args([
                 "--listen",
                 &format!("0.0.0.0:{PROXY_PORT}"),
                 "--splice",
                 mode,
-                "--log-format",
-                "json",
             ])
-            .env("RUST_LOG", "warn")
+            .env_remove("RUST_LOG")
+            .env_remove("PROJECT_INGRESS_PROXY_LOG_FORMAT")
             .env_remove("PROJECT_INGRESS_PROXY_SECRET")
             .env_remove("PROJECT_INGRESS_PROXY_SECRET_FILE");
             Proc::spawn(sys.name(), cmd, &log)?
