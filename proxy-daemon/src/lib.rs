@@ -16,6 +16,7 @@ pub mod http1;
 pub mod io;
 pub mod limits;
 pub mod logging;
+pub mod panic;
 pub mod request_id;
 pub mod server;
 pub mod target;

@@ -1,11 +1,12 @@
 use clap::Parser;
 
 use proxy_daemon::config::Args;
-use proxy_daemon::{daemon, logging};
+use proxy_daemon::{daemon, logging, panic};
 
 fn main() {
     let args = Args::parse();
     logging::init(args.log_format);
+    panic::install_hook();
     let result = daemon::run(args);
     if let Err(e) = &result {
         tracing::error!(error = format!("{e:#}"), "exiting");

@@ -38,6 +38,16 @@ impl Daemon {
     /// Starts the daemon in the machine namespace with extra args and env, and waits until
     /// /health answers from the client namespace.
     pub async fn start(topo: &Topology, args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        Self::start_with_nofile(topo, args, env, None).await
+    }
+
+    /// Like [`Daemon::start`], with the process's open-file limit set to `(soft, hard)`.
+    pub async fn start_with_nofile(
+        topo: &Topology,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Result<Daemon> {
         let dir = TempDir::new()?;
         let log_path = dir.0.join("daemon.log");
         let log = std::fs::File::create(&log_path)?;
@@ -54,6 +64,22 @@ impl Daemon {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; the limit is inherited across exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().context("spawning the daemon")?;
         let mut daemon = Daemon {
             child,

@@ -42,6 +42,13 @@ impl Setup {
         Ok(Setup { daemon, topo })
     }
 
+    /// The daemon with its open-file limit set to `(soft, hard)`.
+    pub async fn with_nofile(args: &[&str], soft: u64, hard: u64) -> Result<Setup> {
+        let topo = Topology::new()?;
+        let daemon = Daemon::start_with_nofile(&topo, args, &[], Some((soft, hard))).await?;
+        Ok(Setup { daemon, topo })
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.daemon.addr
     }

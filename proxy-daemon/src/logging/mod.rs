@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-pub use batch::{batch_this_thread, flush, stop};
+pub use batch::{batch_this_thread, flush, flush_now, stop};
 
 static JSON: AtomicBool = AtomicBool::new(true);
 

@@ -129,9 +129,10 @@ async fn accept_loop(listener: &TcpListener, shared: &'static Shared) {
         tune(&stream, shared.keepalive);
         // One descriptor for the client, one more free for its upstream connection.
         if let Some(fds) = shared.capacity.try_take(1, 1) {
-            shared
-                .connections
-                .spawn(connection::serve(stream, fds, shared));
+            shared.connections.spawn(crate::panic::contained(
+                b"connection",
+                connection::serve(stream, fds, shared),
+            ));
         } else if let Some(slot) = shared.capacity.try_overload() {
             if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                 tracing::warn!(
@@ -141,7 +142,10 @@ async fn accept_loop(listener: &TcpListener, shared: &'static Shared) {
                 );
                 last_warning = Some(tokio::time::Instant::now());
             }
-            tokio::spawn(connection::serve_overloaded(stream, slot, shared));
+            tokio::spawn(crate::panic::contained(
+                b"connection",
+                connection::serve_overloaded(stream, slot, shared),
+            ));
         }
         // Else the reserve is spent too: the connection is closed unanswered.
     }

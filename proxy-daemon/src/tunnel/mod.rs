@@ -97,13 +97,15 @@ impl Tunnels {
     pub fn start(&self, tunnel: Tunnel, hold: impl Send + 'static) {
         let relay = self.relay.clone();
         let shutdown = self.shutdown.clone();
-        self.tracker.spawn(async move {
-            let _hold = hold;
-            tokio::select! {
-                _ = run(tunnel, relay) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
+        let label = format!("tunnel {}", tunnel.request_id);
+        self.tracker
+            .spawn(crate::panic::contained(label.as_bytes(), async move {
+                let _hold = hold;
+                tokio::select! {
+                    _ = run(tunnel, relay) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }));
     }
 
     /// Number of tunnels still open.
