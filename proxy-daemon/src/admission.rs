@@ -4,6 +4,8 @@
 
 use std::str::FromStr;
 
+use arc_swap::ArcSwapOption;
+
 use crate::auth::Secret;
 use crate::http1::request::RequestHead;
 use crate::http1::Framing;
@@ -83,7 +85,8 @@ impl FromStr for PortSet {
 }
 
 pub struct Admission {
-    pub secret: Option<Secret>,
+    /// Swapped on SIGHUP when `--secret-file` is re-read.
+    pub secret: ArcSwapOption<Secret>,
     /// The daemon's own ports (listen, admin): never a target.
     pub own_ports: Vec<u16>,
     /// `--allow-ports`: when set, the only targets allowed.
@@ -109,7 +112,7 @@ impl Admission {
                 true,
             ));
         }
-        if let Some(secret) = &self.secret {
+        if let Some(secret) = &*self.secret.load() {
             if !secret.admits(head.secret, buf) {
                 return Decision::Refuse(Refusal::new(401, "Unauthorized", "unauthorized", close));
             }
@@ -149,7 +152,7 @@ mod tests {
     #[test]
     fn order_of_checks() {
         let a = Admission {
-            secret: Some(Secret::new(b"s")),
+            secret: ArcSwapOption::from_pointee(Secret::new(b"s")),
             own_ports: vec![8080, 9090],
             allowed: Some("3000,4000-4999".parse().unwrap()),
         };

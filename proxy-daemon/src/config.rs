@@ -54,64 +54,86 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "project-ingress-proxy", version, about, long_about)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address and port to listen on.
     #[arg(
         long,
+        global = true,
         env = "PROJECT_INGRESS_PROXY_LISTEN",
         default_value = "0.0.0.0:8080"
     )]
     pub listen: SocketAddr,
 
     /// Data path for tunnels: auto, ebpf (required, fail at start-up without it) or off (userspace).
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
 
     /// Fast path: most bytes one tunnel direction may have queued inside the kernel (memory no socket is charged for). A direction that goes over it (a slow reader, a bulk burst) is relayed with splice(2) for the rest of the tunnel, where TCP's own flow control bounds it.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_EBPF_BUDGET", default_value_t = crate::tunnel::ebpf::DEFAULT_BUDGET, value_parser = clap::value_parser!(u32).range(64 * 1024..))]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_BUDGET", default_value_t = crate::tunnel::ebpf::DEFAULT_BUDGET, value_parser = clap::value_parser!(u32).range(64 * 1024..))]
     pub ebpf_budget: u32,
 
     /// Relay used for tunnels that are not spliced by eBPF (`--splice off`, or `auto`
     /// when the fast path cannot load or does not pay).
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_USERSPACE_RELAY", value_enum, default_value_t = UserspaceRelay::Copy)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_USERSPACE_RELAY", value_enum, default_value_t = UserspaceRelay::Copy)]
     pub userspace_relay: UserspaceRelay,
 
     /// Read the ingress secret from this file (surrounding whitespace trimmed) instead of
     /// the PROJECT_INGRESS_PROXY_SECRET environment variable.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_SECRET_FILE")]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
 
     /// Log format.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
+
+    /// Read the log filter (`info`, `debug`, `info,proxy_daemon=debug`…, RUST_LOG syntax)
+    /// from this file at start and again on SIGHUP. Without it, RUST_LOG (default
+    /// `info`), fixed for the process's life.
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_LOG_LEVEL_FILE")]
+    pub log_level_file: Option<PathBuf>,
+
+    /// Admin interface (plain HTTP): `GET /metrics` (Prometheus), `GET /debug/tunnels`
+    /// (JSON), `GET /ready` (200 serving, 503 draining). `off` disables it. Keep it on
+    /// loopback; the proxy never routes a request to it.
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECT_INGRESS_PROXY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9180"
+    )]
+    pub admin_listen: AdminListen,
 
     /// On SIGTERM/SIGINT: stop accepting, then give in-flight requests and tunnels this
     /// long to finish before closing them and exiting.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
     /// Largest request head (request line + headers) accepted; larger gets 431.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_MAX_HEADER_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(8192..))]
     pub max_header_bytes: u32,
 
     /// Time a client has to send a complete request head (slowloris guard); also the
     /// idle time after which a keep-alive client connection is closed.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
     /// Time allowed to connect to the upstream port; beyond it the client gets 502.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_connect_timeout: Duration,
 
     /// Longest an idle pooled upstream connection is kept. Servers close idle
     /// connections on their own timers (Node: 5 s, uvicorn: 5 s); a shorter `Keep-Alive:
     /// timeout=N` from the upstream shortens it to N-1 s, and a request that meets a
     /// connection the upstream just closed is retried once on a new one.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
 
     /// Most idle pooled connections kept per upstream port and worker thread.
     #[arg(
         long,
+        global = true,
         env = "PROJECT_INGRESS_PROXY_UPSTREAM_MAX_IDLE",
         default_value_t = 64
     )]
@@ -120,7 +142,12 @@ pub struct Args {
     /// Worker threads, each with its own event loop, listening socket (SO_REUSEPORT) and
     /// upstream pool; a request stays on one thread from client to upstream and back.
     /// 0: one per CPU.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_WORKERS", default_value_t = 0)]
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECT_INGRESS_PROXY_WORKERS",
+        default_value_t = 0
+    )]
     pub workers: usize,
 
     /// TCP keepalive on client and upstream sockets: idle time before the first probe, or
@@ -128,23 +155,48 @@ pub struct Args {
     /// or RST (a laptop gone to sleep) is dropped within minutes, its tunnel closed.
     #[arg(
         long,
+        global = true,
         env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE",
         default_value = "60s"
     )]
     pub tcp_keepalive: KeepaliveIdle,
 
     /// Time between keepalive probes.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tcp_keepalive_interval: Duration,
 
     /// Unanswered keepalive probes before the connection is dropped.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE_PROBES", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=127))]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_TCP_KEEPALIVE_PROBES", default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=127))]
     pub tcp_keepalive_probes: u32,
 
     /// Only these target ports are routed (e.g. `3000,4000-4999`); others get 403
     /// `forbidden_target`. Default: every port. The daemon's own ports are always refused.
-    #[arg(long, env = "PROJECT_INGRESS_PROXY_ALLOW_PORTS")]
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_ALLOW_PORTS")]
     pub allow_ports: Option<crate::admission::PortSet>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Validate the configuration, try to load the in-kernel fast path, print what
+    /// `--splice auto` would choose and why, and exit 0 (usable) or 1 (not).
+    Check,
+}
+
+/// `--admin-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(AdminListen(None));
+        }
+        s.parse()
+            .map(|a| AdminListen(Some(a)))
+            .map_err(|e| format!("{e} (an address such as 127.0.0.1:9180, or `off`)"))
+    }
 }
 
 /// `--tcp-keepalive`: a duration, or `off`.

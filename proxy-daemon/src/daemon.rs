@@ -6,69 +6,187 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use anyhow::Context;
+use arc_swap::ArcSwapOption;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
 use crate::admission::Admission;
-use crate::config::{Args, SpliceMode, UserspaceRelay};
+use crate::config::{Args, Command, SpliceMode, UserspaceRelay};
 use crate::forward::upstream::ConnectSettings;
 use crate::forward::{ForwardSettings, Forwarder};
 use crate::limits::{self, Capacity};
+use crate::metrics;
 use crate::server::{self, Shared};
 use crate::tunnel::{ebpf, Relay, Tunnels};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    // The main thread runs signals and the fast path's event readers; workers do traffic.
+    // The main thread runs signals, the admin interface and the fast path's event
+    // readers; workers do traffic.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the main runtime")?;
-    runtime.block_on(serve(args))
+    match args.command {
+        Some(Command::Check) => runtime.block_on(check(args)),
+        None => runtime.block_on(serve(args)),
+    }
 }
 
-fn choose_relay(args: &Args) -> anyhow::Result<Relay> {
+/// The tunnel data path and why it was chosen.
+struct DataPath {
+    relay: Relay,
+    reason: String,
+}
+
+fn choose_relay(args: &Args) -> anyhow::Result<DataPath> {
     let userspace = match args.userspace_relay {
         UserspaceRelay::Splice => Relay::Splice,
         UserspaceRelay::Copy => Relay::Copy,
     };
     Ok(match args.splice {
-        SpliceMode::Off => userspace,
-        SpliceMode::Ebpf => Relay::Ebpf(Arc::new(
-            ebpf::Splicer::load(args.ebpf_budget)
-                .context("--splice ebpf: the in-kernel fast path cannot start")?,
-        )),
+        SpliceMode::Off => DataPath {
+            relay: userspace,
+            reason: "--splice off".into(),
+        },
+        SpliceMode::Ebpf => DataPath {
+            relay: Relay::Ebpf(Arc::new(
+                ebpf::Splicer::load(args.ebpf_budget)
+                    .context("--splice ebpf: the in-kernel fast path cannot start")?,
+            )),
+            reason: "--splice ebpf".into(),
+        },
         // Evidence (docs/fastpath.md, one run on the netns topology): the kernel path
         // wins small messages (about 25% lower round-trip time and 30% less machine
         // CPU per round trip than either userspace relay) and a bulk direction leaves
         // it after its 2 MiB budget for splice(2), which wins bulk throughput here.
         SpliceMode::Auto => match ebpf::Splicer::load(args.ebpf_budget) {
-            Ok(splicer) => Relay::Ebpf(Arc::new(splicer)),
+            Ok(splicer) => DataPath {
+                relay: Relay::Ebpf(Arc::new(splicer)),
+                reason: "auto: the fast path loaded (it wins small messages; bulk directions move to splice(2) past their budget)".into(),
+            },
             Err(e) => {
+                let reason = format!("auto: the fast path cannot load: {e:#}");
                 tracing::warn!(
                     error = format!("{e:#}"),
                     fallback = userspace.name(),
                     "in-kernel fast path unavailable, tunnels use the userspace relay"
                 );
-                userspace
+                DataPath {
+                    relay: userspace,
+                    reason,
+                }
             }
         },
     })
 }
 
+/// `project-ingress-proxy check`: the configuration and what `auto` would choose.
+async fn check(args: Args) -> anyhow::Result<()> {
+    let mut ok = true;
+    match args.secret() {
+        Ok(Some(_)) => println!("secret: set (every non-health request must carry it)"),
+        Ok(None) => println!("secret: not set (no authentication)"),
+        Err(e) => {
+            println!("secret: ERROR {e:#}");
+            ok = false;
+        }
+    }
+    if let Some(path) = &args.log_level_file {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                tracing_subscriber::EnvFilter::try_new(t.trim()).map_err(|e| e.to_string())
+            }) {
+            Ok(f) => println!("log level file: {} ({f})", path.display()),
+            Err(e) => {
+                println!("log level file: ERROR {}: {e}", path.display());
+                ok = false;
+            }
+        }
+    }
+    match limits::raise_nofile() {
+        Ok(f) => println!(
+            "open files: soft {} (raised from {}), hard {}",
+            f.soft, f.soft_before, f.hard
+        ),
+        Err(e) => println!("open files: cannot read the limit: {e}"),
+    }
+    println!(
+        "listen: {} with {} worker(s)",
+        args.listen,
+        args.worker_count()
+    );
+    match args.admin_listen.0 {
+        Some(a) => println!("admin: {a}"),
+        None => println!("admin: off"),
+    }
+    let userspace = match args.userspace_relay {
+        UserspaceRelay::Splice => Relay::Splice,
+        UserspaceRelay::Copy => Relay::Copy,
+    };
+    match ebpf::Splicer::load(args.ebpf_budget) {
+        Ok(_) => {
+            println!("in-kernel fast path: loads");
+            println!("--splice auto chooses: ebpf (it wins small messages; bulk directions move to splice(2) past their budget, docs/fastpath.md)");
+        }
+        Err(e) => {
+            println!("in-kernel fast path: cannot load: {e:#}");
+            println!(
+                "--splice auto chooses: {} (the userspace relay)",
+                userspace.name()
+            );
+            if args.splice == SpliceMode::Ebpf {
+                println!("--splice ebpf: ERROR the daemon would exit at start-up");
+                ok = false;
+            }
+        }
+    }
+    println!("--splice {:?} configured", args.splice);
+    println!(
+        "{}",
+        if ok {
+            "configuration OK"
+        } else {
+            "configuration NOT usable"
+        }
+    );
+    if ok {
+        Ok(())
+    } else {
+        anyhow::bail!("configuration not usable")
+    }
+}
+
 async fn serve(args: Args) -> anyhow::Result<()> {
     let files = limits::raise_nofile().context("reading the open-file limit")?;
     let secret = args.secret()?;
-    let relay = choose_relay(&args)?;
+    let DataPath { relay, reason } = choose_relay(&args)?;
     let workers = args.worker_count();
     let listeners = server::bind(args.listen, workers)?;
     let listen: SocketAddr = listeners[0].local_addr()?;
+    let admin = match args.admin_listen.0 {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin interface: listening on {addr}"))?,
+        ),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     let capacity = Capacity::new(files.soft);
     tracing::info!(
         listen = %listen,
+        admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
         workers,
         data_path = relay.name(),
+        data_path_reason = %reason,
         splice = ?args.splice,
         secret_auth = secret.is_some(),
         open_files_soft_limit_at_start = files.soft_before,
@@ -85,10 +203,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
 
     let max_head = args.max_header_bytes as usize;
+    let mut own_ports = vec![listen.port()];
+    own_ports.extend(admin_addr.map(|a| a.port()));
+    let data_path = relay.name();
     let shared: &'static Shared = Box::leak(Box::new(Shared {
         admission: Admission {
-            secret,
-            own_ports: vec![listen.port()],
+            secret: ArcSwapOption::new(secret.map(Arc::new)),
+            own_ports,
             allowed: args.allow_ports.clone(),
         },
         forwarder: Forwarder {
@@ -114,20 +235,46 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         draining: AtomicBool::new(false),
         force_close: CancellationToken::new(),
     }));
+    metrics::add_source(DaemonMetrics {
+        shared,
+        files,
+        data_path,
+        reason,
+    });
 
     let exit = CancellationToken::new();
     let mut threads = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {
         threads.push(server::spawn_worker(i, listener, shared, exit.clone())?);
     }
+    if let Some(admin) = admin {
+        tokio::spawn(crate::admin::serve(admin, &shared.tunnels));
+    }
+    admin::READY.store(true, Ordering::Relaxed);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(period) = sd_notify::watchdog_enabled() {
+        tokio::spawn(watchdog(period));
+    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM received"),
-        _ = sigint.recv() => tracing::info!("SIGINT received"),
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM received");
+                break;
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT received");
+                break;
+            }
+            _ = sighup.recv() => reload(&args, shared),
+        }
     }
 
+    admin::READY.store(false, Ordering::Relaxed);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     shared.draining.store(true, Ordering::Relaxed);
     shared.stop_accepting.cancel();
     tracing::info!(
@@ -149,8 +296,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             "grace period over: resetting what is left"
         );
         shared.force_close.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), shared.connections.wait())
-            .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), shared.connections.wait()).await;
     }
     shared.tunnels.close_all().await;
     exit.cancel();
@@ -159,4 +305,125 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: the secret file and the log level are read again; nothing in flight changes.
+fn reload(args: &Args, shared: &Shared) {
+    tracing::info!("SIGHUP received: reloading");
+    crate::logging::reload_level();
+    if args.secret_file.is_none() {
+        tracing::info!("no --secret-file: secret unchanged");
+        return;
+    }
+    match args.secret() {
+        Ok(secret) => {
+            let on = secret.is_some();
+            shared.admission.secret.store(secret.map(Arc::new));
+            tracing::info!(secret_auth = on, "secret reloaded");
+        }
+        Err(e) => tracing::error!(
+            error = format!("{e:#}"),
+            "secret not reloaded: keeping the current one"
+        ),
+    }
+}
+
+/// systemd's watchdog: pinged at half its period while every worker's event loop still
+/// ticks (each ticks once a second); a worker stuck for 3 s stops the pings, and systemd
+/// restarts the service.
+async fn watchdog(period: Duration) {
+    let mut tick = tokio::time::interval((period / 2).min(Duration::from_secs(1)));
+    let mut last = metrics::heartbeats();
+    let mut progressed = vec![tokio::time::Instant::now(); last.len()];
+    loop {
+        tick.tick().await;
+        let now = metrics::heartbeats();
+        for (i, (n, l)) in now.iter().zip(&last).enumerate() {
+            if n > l {
+                progressed[i] = tokio::time::Instant::now();
+            }
+        }
+        last = now;
+        if progressed
+            .iter()
+            .all(|t| t.elapsed() < Duration::from_secs(3))
+        {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("a worker's event loop is stuck: not pinging the systemd watchdog");
+        }
+    }
+}
+
+/// The daemon's own gauges, read at scrape time.
+struct DaemonMetrics {
+    shared: &'static Shared,
+    files: limits::FileLimits,
+    data_path: &'static str,
+    reason: String,
+}
+
+impl metrics::Source for DaemonMetrics {
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.shared;
+        metrics::gauge(
+            encoder,
+            "client_connections",
+            "Open client connections (HTTP; tunnels are counted apart)",
+            s.connections.len() as i64,
+        )?;
+        metrics::gauge(
+            encoder,
+            "open_fds",
+            "File descriptors the process has open",
+            open_fds() as i64,
+        )?;
+        metrics::gauge(
+            encoder,
+            "open_fds_limit",
+            "The process's open-file limit (soft, after raising it to the hard one)",
+            self.files.soft as i64,
+        )?;
+        metrics::gauge(
+            encoder,
+            "capacity_fds_in_use",
+            "Descriptors held for traffic (sockets, splice pipes)",
+            s.capacity.in_use() as i64,
+        )?;
+        metrics::gauge(
+            encoder,
+            "capacity_fds_limit",
+            "Descriptors allowed for traffic before new requests get 503 over_capacity",
+            s.capacity.limit() as i64,
+        )?;
+        metrics::gauge(
+            encoder,
+            "ready",
+            "1 while serving, 0 while draining or handing over",
+            i64::from(admin::READY.load(Ordering::Relaxed)),
+        )?;
+        metrics::counter(
+            encoder,
+            "log_lines_dropped",
+            "Log lines dropped because the log reader did not keep up",
+            crate::logging::dropped_lines(),
+        )?;
+        let labels = [
+            ("version", env!("CARGO_PKG_VERSION").to_owned()),
+            ("data_path", self.data_path.to_owned()),
+            ("reason", self.reason.clone()),
+        ];
+        encoder
+            .encode_descriptor(
+                "build",
+                "Build and start-up facts: version, tunnel data path chosen and why",
+                None,
+                MetricType::Info,
+            )?
+            .encode_info(&labels)
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }

@@ -7,6 +7,7 @@
 //!
 //! `http1` is the HTTP/1.1 codec (pure, no I/O); `daemon` starts and stops it all.
 
+pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod http1;
 pub mod io;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod panic;
 pub mod request_id;
 pub mod server;

@@ -5,7 +5,7 @@ use proxy_daemon::{daemon, logging, panic};
 
 fn main() {
     let args = Args::parse();
-    logging::init(args.log_format);
+    logging::init(args.log_format, args.log_level_file.as_deref());
     panic::install_hook();
     let result = daemon::run(args);
     if let Err(e) = &result {

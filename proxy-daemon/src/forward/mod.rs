@@ -77,6 +77,7 @@ impl Forwarder {
                     return refuse(OVER_CAPACITY, "over_capacity");
                 }
                 Err(e) => {
+                    crate::metrics::connect_failed();
                     tracing::warn!(port = route.port, error = %e, "upstream failed before response headers");
                     return refuse(close_unless(BAD_GATEWAY, upload.is_done()), "proxy_error");
                 }
@@ -110,6 +111,7 @@ impl Forwarder {
                     // The upstream closed the idle connection as the request went out.
                     tracing::debug!(port = route.port, error = %e, "pooled connection was closed by the upstream; retrying on a new one");
                     retried = true;
+                    crate::metrics::retried();
                     continue;
                 }
                 Err(e @ (Failure::NoResponse(_) | Failure::BeforeHead(_))) => {

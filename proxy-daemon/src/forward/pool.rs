@@ -63,6 +63,7 @@ pub fn checkout(port: u16) -> Option<Upstream> {
             pool.ports.remove(&port);
         }
         pool.idle -= popped;
+        crate::metrics::pool_idle(-(popped as i64));
         found.map(|mut c| {
             c.reused = true;
             c
@@ -87,6 +88,7 @@ pub fn check_in(conn: Upstream, keep_for: Duration, max_per_port: usize) {
         if list.len() < max_per_port {
             list.push(Idle { conn, expires });
             pool.idle += 1;
+            crate::metrics::pool_idle(1);
         }
     });
 }
@@ -107,7 +109,9 @@ pub fn sweep() {
             list.retain(|idle| idle.expires > now && !saw_anything(&idle.conn));
             !list.is_empty()
         });
-        pool.idle = pool.ports.values().map(Vec::len).sum();
+        let idle = pool.ports.values().map(Vec::len).sum();
+        crate::metrics::pool_idle(idle as i64 - pool.idle as i64);
+        pool.idle = idle;
     });
 }
 
@@ -130,6 +134,7 @@ pub fn evict_one() -> bool {
             }
         }
         pool.idle -= 1;
+        crate::metrics::pool_idle(-1);
         true
     })
 }
@@ -141,7 +146,11 @@ pub fn idle() -> usize {
 
 /// Closes every idle connection of this worker (shutdown).
 pub fn clear() {
-    POOL.with(|p| *p.borrow_mut() = Pool::default());
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        crate::metrics::pool_idle(-(pool.idle as i64));
+        *pool = Pool::default();
+    });
 }
 
 #[cfg(test)]

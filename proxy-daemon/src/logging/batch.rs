@@ -8,6 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -35,6 +36,13 @@ struct Shared {
 }
 
 static SHARED: OnceLock<Shared> = OnceLock::new();
+/// Lines dropped since start (for the metrics).
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped since start because the log reader was not keeping up.
+pub fn dropped_lines() -> u64 {
+    DROPPED_TOTAL.load(Ordering::Relaxed)
+}
 
 thread_local! {
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -106,7 +114,9 @@ pub fn flush() {
     let Some(buffer) = buffer else { return };
     let mut queue = shared.queue.lock().unwrap();
     if queue.bytes + buffer.len() > MAX_PENDING_BYTES {
-        queue.dropped_lines += buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        let lines = buffer.iter().filter(|&&b| b == b'\n').count() as u64;
+        queue.dropped_lines += lines;
+        DROPPED_TOTAL.fetch_add(lines, Ordering::Relaxed);
         return;
     }
     queue.bytes += buffer.len();

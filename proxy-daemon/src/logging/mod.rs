@@ -7,15 +7,19 @@ pub mod access;
 mod batch;
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::LogFormat;
 
-pub use batch::{batch_this_thread, flush, flush_now, stop};
+pub use batch::{batch_this_thread, dropped_lines, flush, flush_now, stop};
 
 static JSON: AtomicBool = AtomicBool::new(true);
 
@@ -24,8 +28,27 @@ pub fn json() -> bool {
     JSON.load(Ordering::Relaxed)
 }
 
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Where the log filter comes from, and the handle that swaps it on SIGHUP.
+struct Filter {
+    file: Option<PathBuf>,
+    handle: reload::Handle<EnvFilter, Registry>,
+}
+
+static FILTER: OnceLock<Filter> = OnceLock::new();
+
+/// The filter: the level file's contents, else RUST_LOG, else `info`.
+fn read_filter(file: Option<&Path>) -> Result<EnvFilter, String> {
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            EnvFilter::try_new(text.trim()).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        None => Ok(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))),
+    }
+}
+
+pub fn init(format: LogFormat, level_file: Option<&Path>) {
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
@@ -33,15 +56,46 @@ pub fn init(format: LogFormat) {
     };
     JSON.store(json, Ordering::Relaxed);
     batch::start();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let (initial, problem) = match read_filter(level_file) {
+        Ok(f) => (f, None),
+        Err(e) => (EnvFilter::new("info"), Some(e)),
+    };
+    let (filter, handle) = reload::Layer::new(initial);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(Batched)
         .with_ansi(false)
         .with_target(false);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().flatten_event(true).init();
+        registry.with(fmt.json().flatten_event(true)).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
+    }
+    let _ = FILTER.set(Filter {
+        file: level_file.map(Path::to_path_buf),
+        handle,
+    });
+    if let Some(e) = problem {
+        tracing::warn!(error = %e, "log level file unusable: logging at info");
+    }
+}
+
+/// SIGHUP: reads the log level file again (nothing to do without one).
+pub fn reload_level() {
+    let Some(filter) = FILTER.get() else { return };
+    let Some(file) = &filter.file else {
+        tracing::info!("no --log-level-file: log level unchanged");
+        return;
+    };
+    match read_filter(Some(file)) {
+        Ok(new) => {
+            let shown = new.to_string();
+            match filter.handle.reload(new) {
+                Ok(()) => tracing::info!(filter = %shown, "log level reloaded"),
+                Err(e) => tracing::error!(error = %e, "log level not reloaded"),
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "log level not reloaded: keeping the current one"),
     }
 }
 

@@ -259,6 +259,7 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
     }
 }
 
+/// The request's end: its access line and its metrics.
 fn log(
     conn: &Conn,
     port: Option<u16>,
@@ -267,6 +268,8 @@ fn log(
     started: Instant,
     outcome: &'static str,
 ) {
+    let duration = started.elapsed();
+    crate::metrics::request(port, status, duration);
     access::write(&AccessLine {
         request_id: conn.meta.id(),
         method: conn.meta.method(),
@@ -274,7 +277,7 @@ fn log(
         port,
         status,
         bytes,
-        duration: started.elapsed(),
+        duration,
         outcome,
     });
 }

@@ -79,6 +79,7 @@ pub fn spawn_worker(
         .name(format!("worker-{index}"))
         .spawn(move || {
             crate::logging::batch_this_thread();
+            let stats = crate::metrics::register_worker();
             runtime.block_on(async move {
                 let listener = match TcpListener::from_std(listener) {
                     Ok(l) => l,
@@ -87,11 +88,15 @@ pub fn spawn_worker(
                         return;
                     }
                 };
-                let sweeper = tokio::spawn(async {
+                let sweeper = tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
                     loop {
                         tick.tick().await;
                         pool::sweep();
+                        // Proof of life for the systemd watchdog.
+                        stats
+                            .heartbeat
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 });
                 accept_loop(&listener, shared).await;
