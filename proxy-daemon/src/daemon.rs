@@ -338,6 +338,9 @@ async fn watchdog(period: Duration) {
     loop {
         tick.tick().await;
         let now = metrics::heartbeats();
+        // Workers register as they start: a new one counts as alive.
+        progressed.resize(now.len(), tokio::time::Instant::now());
+        last.resize(now.len(), 0);
         for (i, (n, l)) in now.iter().zip(&last).enumerate() {
             if n > l {
                 progressed[i] = tokio::time::Instant::now();

@@ -81,6 +81,7 @@ pub fn check_in(conn: Upstream, keep_for: Duration, max_per_port: usize) {
     let _ = conn.stream.try_io(Interest::READABLE, || {
         Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
     });
+    tracing::trace!(port = conn.port, ?keep_for, "pooled connection checked in");
     let expires = Instant::now() + keep_for;
     POOL.with(|p| {
         let mut pool = p.borrow_mut();
@@ -106,7 +107,17 @@ pub fn sweep() {
     POOL.with(|p| {
         let mut pool = p.borrow_mut();
         pool.ports.retain(|_, list| {
-            list.retain(|idle| idle.expires > now && !saw_anything(&idle.conn));
+            list.retain(|idle| {
+                let keep = idle.expires > now && !saw_anything(&idle.conn);
+                if !keep {
+                    tracing::trace!(
+                        port = idle.conn.port,
+                        expired = idle.expires <= now,
+                        "pooled connection dropped"
+                    );
+                }
+                keep
+            });
             !list.is_empty()
         });
         let idle = pool.ports.values().map(Vec::len).sum();

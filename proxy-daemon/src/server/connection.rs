@@ -146,6 +146,8 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
         conn.meta
             .set(head.method(&conn.buf), head.path(&conn.buf), id);
         let with_body = !head.is_method(&conn.buf, b"HEAD");
+        // Draining: every answer from now on closes its connection.
+        let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
         let decision = shared.admission.decide(&head, &conn.buf);
         let port = match decision {
             Decision::Forward(route) => Some(route.port),
@@ -155,7 +157,7 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
         match decision {
             Decision::Health => {
                 conn.buf.advance(head.len);
-                let keep = head.keep_alive && head.framing == Framing::Empty;
+                let keep = keep_alive && head.framing == Framing::Empty;
                 conn.scratch.clear();
                 write::local_response(
                     &mut conn.scratch,
@@ -177,7 +179,7 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
                     unauthorized += 1;
                     refusal.close |= unauthorized >= MAX_UNAUTHORIZED_PER_CONNECTION;
                 }
-                refusal.close |= !head.keep_alive;
+                refusal.close |= !keep_alive;
                 conn.buf.advance(head.len);
                 let ok = answer_error(conn, refusal, with_body).await;
                 log(conn, port, refusal.status, 0, started, "refused");
@@ -197,8 +199,7 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
                 let info = RequestInfo {
                     head_method: !with_body,
                     client_http11: head.http11,
-                    // Draining: this response closes the connection.
-                    client_keep_alive: head.keep_alive && !shared.draining.load(Ordering::Relaxed),
+                    client_keep_alive: keep_alive,
                     upgrade: route.upgrade,
                     max_response_head: shared.max_response_head,
                 };
@@ -228,7 +229,8 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
                             return Ended::Close;
                         }
                     }
-                    End::Refuse(refusal) => {
+                    End::Refuse(mut refusal) => {
+                        refusal.close |= !info.client_keep_alive;
                         let ok = answer_error(conn, refusal, with_body).await;
                         log(conn, port, refusal.status, 0, started, outcome.label);
                         if !ok || refusal.close {

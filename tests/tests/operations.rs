@@ -1,0 +1,236 @@
+//! The operator's side (SPEC §5, issue 11): admin endpoints, readiness across a drain,
+//! systemd notifications, SIGHUP reloads, `check`, metrics that agree with the traffic.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use anyhow::Result;
+use tests::client::read_until_close;
+use tests::daemon::TempDir;
+use tests::recording::RecordingApp;
+use tests::{v4, Setup};
+use tokio::io::AsyncWriteExt;
+
+const ADMIN: &str = "127.0.0.1:9180";
+
+/// A GET on the admin interface, from inside the machine namespace: (status, body).
+async fn admin_get(s: &Setup, path: &str) -> Result<(u16, String)> {
+    let mut c = s.topo.machine.connect(ADMIN.parse()?).await?;
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let answer = read_until_close(&mut c, Duration::from_secs(3)).await;
+    let status = answer.get(9..12).unwrap_or("0").parse()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+async fn proxied(s: &Setup, target: &str, extra: &str) -> Result<String> {
+    let mut c = s.topo.client.connect(s.addr()).await?;
+    c.write_all(format!("GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\nX-Iterate-Proxy-Target-Host: {target}\r\n{extra}\r\n").as_bytes())
+        .await?;
+    Ok(read_until_close(&mut c, Duration::from_secs(3)).await)
+}
+
+/// The value of a metric line that starts with `series` (name and labels).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_the_traffic_and_the_admin_port_is_no_target() -> Result<()> {
+    let s = Setup::new(&[]).await?;
+    let _app = RecordingApp::start(s.topo.machine.listen(v4(4096))?, None);
+    for _ in 0..7 {
+        assert!(proxied(&s, "localhost:4096", "")
+            .await?
+            .starts_with("HTTP/1.1 200"));
+    }
+    for _ in 0..3 {
+        assert!(proxied(&s, "localhost:4999", "")
+            .await?
+            .starts_with("HTTP/1.1 502"));
+    }
+    let forbidden = proxied(&s, "localhost:9180", "").await?;
+    assert!(
+        forbidden.starts_with("HTTP/1.1 403")
+            && forbidden.ends_with(r#"{"error":"forbidden_target"}"#)
+    );
+    let (status, text) = admin_get(&s, "/metrics").await?;
+    assert_eq!(status, 200);
+    let p = "project_ingress_proxy_";
+    assert_eq!(
+        metric(
+            &text,
+            &format!(r#"{p}requests_total{{class="2xx",port="4096"}}"#)
+        ),
+        Some(7.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!(r#"{p}requests_total{{class="5xx",port="4999"}}"#)
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, &format!("{p}upstream_connect_failures_total")),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, &format!("{p}request_duration_seconds_count")),
+        Some(11.0)
+    );
+    assert!(metric(&text, &format!("{p}open_fds")).unwrap() > 0.0);
+    assert_eq!(metric(&text, &format!("{p}open_fds_limit")), Some(20000.0));
+    assert!(text.contains(&format!("{p}build_info{{version=")), "{text}");
+    assert!(
+        metric(&text, &format!("{p}upstream_pool_idle_connections")).unwrap() >= 1.0,
+        "{text}"
+    );
+    assert_eq!(admin_get(&s, "/ready").await?, (200, "ready".into()));
+    assert_eq!(admin_get(&s, "/nope").await?.0, 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_systemd_notifications_follow_the_lifecycle() -> Result<()> {
+    let dir = TempDir::new()?;
+    let socket_path = dir.0.join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path)?;
+    notify.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let path = socket_path.to_str().unwrap();
+    let mut s = Setup::with_env(
+        &["--shutdown-grace", "3s"],
+        &[("NOTIFY_SOCKET", path), ("WATCHDOG_USEC", "1000000")],
+    )
+    .await?;
+    let mut got = String::new();
+    let mut buf = [0u8; 256];
+    while !(got.contains("READY=1") && got.contains("WATCHDOG=1")) {
+        let n = notify.recv(&mut buf)?;
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        got.push('\n');
+    }
+    assert_eq!(admin_get(&s, "/ready").await?.0, 200);
+    // An open connection keeps the daemon draining for a while.
+    let _app = RecordingApp::start(s.topo.machine.listen(v4(4096))?, None);
+    let mut held = s.topo.client.connect(s.addr()).await?;
+    held.write_all(b"GET /x HTTP/1.1\r\nHost: h\r\nX-Iterate-Proxy-Target-Host: localhost:4096\r\nContent-Length: 10\r\n\r\nhalf").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.daemon.signal(libc::SIGTERM);
+    loop {
+        let n = notify.recv(&mut buf)?;
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert_eq!(admin_get(&s, "/ready").await?, (503, "draining".into()));
+    assert_eq!(s.daemon.wait_exit(Duration::from_secs(8)).await?, Some(0));
+    drop(held);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_secret_file_and_the_log_level_without_dropping_anything() -> Result<()>
+{
+    let dir = TempDir::new()?;
+    let secret = dir.0.join("secret");
+    let level = dir.0.join("level");
+    std::fs::write(&secret, "first\n")?;
+    std::fs::write(&level, "warn")?;
+    let args = [
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--log-level-file",
+        level.to_str().unwrap(),
+    ];
+    let s = Setup::new(&args).await?;
+    let _app = RecordingApp::start(s.topo.machine.listen(v4(4096))?, None);
+    // A keep-alive connection open across the reload keeps working.
+    let mut kept = s.topo.client.connect(s.addr()).await?;
+    let ask = |secret: &str| {
+        format!("GET /k HTTP/1.1\r\nHost: h\r\nX-Iterate-Proxy-Target-Host: localhost:4096\r\nX-Iterate-Project-Ingress-Secret: {secret}\r\n\r\n")
+    };
+    kept.write_all(ask("first").as_bytes()).await?;
+    let mut b = [0u8; 4096];
+    let n = tokio::io::AsyncReadExt::read(&mut kept, &mut b).await?;
+    assert!(String::from_utf8_lossy(&b[..n]).starts_with("HTTP/1.1 200"));
+    assert!(proxied(
+        &s,
+        "localhost:4096",
+        "X-Iterate-Project-Ingress-Secret: first\r\n"
+    )
+    .await?
+    .starts_with("HTTP/1.1 200"));
+    assert!(
+        !s.daemon.logs().contains(r#""message":"request""#),
+        "warn level: no access lines"
+    );
+
+    std::fs::write(&secret, "second\n")?;
+    std::fs::write(&level, "info")?;
+    s.daemon.signal(libc::SIGHUP);
+    s.daemon.log_containing("secret reloaded").await?;
+    assert!(proxied(
+        &s,
+        "localhost:4096",
+        "X-Iterate-Project-Ingress-Secret: first\r\n"
+    )
+    .await?
+    .starts_with("HTTP/1.1 401"));
+    assert!(proxied(
+        &s,
+        "localhost:4096",
+        "X-Iterate-Project-Ingress-Secret: second\r\n"
+    )
+    .await?
+    .starts_with("HTTP/1.1 200"));
+    kept.write_all(ask("second").as_bytes()).await?;
+    let n = tokio::io::AsyncReadExt::read(&mut kept, &mut b).await?;
+    assert!(
+        String::from_utf8_lossy(&b[..n]).starts_with("HTTP/1.1 200"),
+        "kept connection"
+    );
+    s.daemon.log_containing(r#""message":"request""#).await?;
+    let logs = s.daemon.logs();
+    assert!(
+        !logs.contains("first") && !logs.contains("second"),
+        "secrets never logged"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_choice_and_fails_on_a_bad_configuration() -> Result<()> {
+    let bin = tests::daemon::binary();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .arg("check")
+            .args(args)
+            .env_remove("PROJECT_INGRESS_PROXY_SECRET")
+            .output()
+            .unwrap()
+    };
+    let ok = run(&[]);
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{text}");
+    assert!(text.contains("--splice auto chooses: ebpf"), "{text}");
+    let bad = run(&["--secret-file", "/nonexistent/secret"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("secret: ERROR"));
+    Ok(())
+}
