@@ -66,6 +66,8 @@ pub enum Then {
     KeepAlive,
     /// Close the connection after writing.
     Close,
+    /// Reset the connection (RST) after writing.
+    Reset,
     /// Keep the connection open and never answer anything again (until the peer closes
     /// it, which is recorded).
     Hang,
@@ -202,6 +204,10 @@ async fn serve(
         match reply.then {
             Then::KeepAlive => {}
             Then::Close => return,
+            Then::Reset => {
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                return;
+            }
             Then::Hang => {
                 let mut sink = [0u8; 4096];
                 while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}

@@ -230,7 +230,8 @@ async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
                         }
                     }
                     End::Refuse(mut refusal) => {
-                        refusal.close |= !info.client_keep_alive;
+                        // An upgrade's client expected a tunnel: its error closes too.
+                        refusal.close |= !info.client_keep_alive || route.upgrade;
                         let ok = answer_error(conn, refusal, with_body).await;
                         log(conn, port, refusal.status, 0, started, outcome.label);
                         if !ok || refusal.close {
