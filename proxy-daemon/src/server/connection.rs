@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 
 use super::Shared;
@@ -100,13 +100,15 @@ pub async fn serve(stream: TcpStream, fds: Fds, shared: &'static Shared) {
             let TunnelStart { upstream, port } = *start;
             let request_id = String::from_utf8_lossy(conn.meta.id()).into_owned();
             let (upstream, upstream_leftover) = upstream.into_parts();
+            // Exact-size copies (usually empty): the read buffers go now, an idle tunnel
+            // keeps no buffer.
             let tunnel = Tunnel {
                 request_id,
                 port,
                 client: conn.stream,
-                client_leftover: conn.buf.freeze(),
+                client_leftover: Bytes::copy_from_slice(&conn.buf),
                 upstream,
-                upstream_leftover: upstream_leftover.freeze(),
+                upstream_leftover: Bytes::copy_from_slice(&upstream_leftover),
             };
             // The tunnel keeps this connection's descriptors in the budget.
             shared.tunnels.start(tunnel, fds);
