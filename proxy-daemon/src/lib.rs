@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod panic;
 pub mod request_id;
 pub mod server;
+pub mod takeover;
 pub mod target;
 pub mod tunnel;
