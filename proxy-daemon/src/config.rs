@@ -94,6 +94,23 @@ pub struct Args {
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_LOG_LEVEL_FILE")]
     pub log_level_file: Option<PathBuf>,
 
+    /// Unix socket (created root-only, mode 0600) on which this daemon hands its
+    /// listening sockets, fast-path maps and live tunnels to a successor started with
+    /// `--takeover` and the same path. Off when unset.
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_CONTROL_SOCKET")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Take over from the daemon listening on `--control-socket`: receive its listening
+    /// sockets, admin socket, fast-path maps and every live tunnel (no connection is
+    /// dropped, no byte lost); it finishes its in-flight requests and exits 0.
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECT_INGRESS_PROXY_TAKEOVER",
+        requires = "control_socket"
+    )]
+    pub takeover: bool,
+
     /// Admin interface (plain HTTP): `GET /metrics` (Prometheus), `GET /debug/tunnels`
     /// (JSON), `GET /ready` (200 serving, 503 draining). `off` disables it. Keep it on
     /// loopback; the proxy never routes a request to it.

@@ -3,6 +3,7 @@
 //! what is left, exit.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use crate::forward::{ForwardSettings, Forwarder};
 use crate::limits::{self, Capacity};
 use crate::metrics;
 use crate::server::{self, Shared};
+use crate::takeover;
 use crate::tunnel::{ebpf, Relay, Tunnels};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -167,24 +169,65 @@ async fn check(args: Args) -> anyhow::Result<()> {
 async fn serve(args: Args) -> anyhow::Result<()> {
     let files = limits::raise_nofile().context("reading the open-file limit")?;
     let secret = args.secret()?;
-    let DataPath { relay, reason } = choose_relay(&args)?;
-    let workers = args.worker_count();
-    let listeners = server::bind(args.listen, workers)?;
+
+    // The sockets: inherited from the running daemon (takeover), or new.
+    let mut inherited = None;
+    let (listeners, admin) = if args.takeover {
+        let path = args
+            .control_socket
+            .as_deref()
+            .expect("clap: --takeover requires it");
+        let got = takeover::connect(path).await?;
+        let listeners = got.listeners;
+        let admin = got.admin;
+        inherited = Some((got.fast_path, got.channel));
+        (listeners, admin)
+    } else {
+        let admin = match args.admin_listen.0 {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("admin interface: listening on {addr}"))?,
+            ),
+            None => None,
+        };
+        (server::bind(args.listen, args.worker_count())?, admin)
+    };
+    let (inherited_maps, handover_channel) = match inherited {
+        Some((maps, channel)) => (maps, Some(channel)),
+        None => (None, None),
+    };
+    let DataPath { relay, reason } = match inherited_maps {
+        Some((maps, budget)) => DataPath {
+            relay: Relay::Ebpf(Arc::new(
+                ebpf::Splicer::adopt(maps, budget)
+                    .context("--takeover: adopting the fast path's maps")?,
+            )),
+            reason: "inherited from the daemon taken over".into(),
+        },
+        None => choose_relay(&args)?,
+    };
+    // Kept for the next takeover: the listening sockets never close while serving.
+    let listener_fds: Vec<OwnedFd> = listeners
+        .iter()
+        .map(|l| l.try_clone().map(OwnedFd::from))
+        .collect::<std::io::Result<_>>()?;
+    let admin_fd = admin
+        .as_ref()
+        .map(|l| l.try_clone().map(OwnedFd::from))
+        .transpose()?;
+    let workers = listeners.len();
     let listen: SocketAddr = listeners[0].local_addr()?;
-    let admin = match args.admin_listen.0 {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("admin interface: listening on {addr}"))?,
-        ),
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+    let control = match &args.control_socket {
+        Some(path) => Some(takeover::bind(path, args.takeover).await?),
         None => None,
     };
-    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     let capacity = Capacity::new(files.soft);
     tracing::info!(
         listen = %listen,
         admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
         workers,
+        took_over = args.takeover,
         data_path = relay.name(),
         data_path_reason = %reason,
         splice = ?args.splice,
@@ -247,11 +290,31 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     for (i, listener) in listeners.into_iter().enumerate() {
         threads.push(server::spawn_worker(i, listener, shared, exit.clone())?);
     }
-    if let Some(admin) = admin {
-        tokio::spawn(crate::admin::serve(admin, &shared.tunnels));
+    let admin_task = match admin {
+        Some(admin) => {
+            admin.set_nonblocking(true)?;
+            let admin = tokio::net::TcpListener::from_std(admin)?;
+            Some(tokio::spawn(crate::admin::serve(admin, &shared.tunnels)))
+        }
+        None => None,
+    };
+    if let Some(channel) = handover_channel {
+        // The tunnels of the daemon taken over arrive now; it exits after `Done`.
+        tokio::spawn(async move {
+            match shared.tunnels.adopt_all(&channel).await {
+                Ok(n) => tracing::info!(
+                    tunnels = n,
+                    "takeover complete: the previous daemon is done"
+                ),
+                Err(e) => tracing::error!(error = %e, "takeover: receiving tunnels failed"),
+            }
+        });
     }
     admin::READY.store(true, Ordering::Relaxed);
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::MainPid(std::process::id()),
+    ]);
     if let Some(period) = sd_notify::watchdog_enabled() {
         tokio::spawn(watchdog(period));
     }
@@ -259,6 +322,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut successor = None;
     loop {
         tokio::select! {
             _ = sigterm.recv() => {
@@ -270,19 +334,46 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 break;
             }
             _ = sighup.recv() => reload(&args, shared),
+            accepted = async { takeover::accept(control.as_ref().unwrap()).await }, if control.is_some() => {
+                match accepted {
+                    Ok((channel, _pid)) => {
+                        successor = Some(channel);
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "control socket: accept failed"),
+                }
+            }
         }
     }
 
     admin::READY.store(false, Ordering::Relaxed);
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if let Some(channel) = &successor {
+        // Hand over: the sockets first (they never close, so nothing is refused), then
+        // the maps, then stop accepting here.
+        drop(control);
+        takeover::send_sockets(channel, &listener_fds, admin_fd.as_ref()).await?;
+        shared.tunnels.send_fast_path(channel).await?;
+        if let Some(task) = admin_task {
+            task.abort();
+        }
+    } else {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    }
+    drop(listener_fds);
+    drop(admin_fd);
     shared.draining.store(true, Ordering::Relaxed);
     shared.stop_accepting.cancel();
     tracing::info!(
         grace_ms = args.shutdown_grace.as_millis() as u64,
         open_tunnels = shared.tunnels.open(),
+        handing_over = successor.is_some(),
         "shutting down: stopped accepting"
     );
     shared.connections.close();
+    if let Some(channel) = &successor {
+        // Every live tunnel moves now; tunnels that draining requests still open follow.
+        shared.tunnels.hand_over(channel).await;
+    }
     let drain = async {
         shared.connections.wait().await;
         shared.tunnels.wait_idle().await;
@@ -298,12 +389,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         shared.force_close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), shared.connections.wait()).await;
     }
+    if let Some(channel) = &successor {
+        shared.tunnels.finish_hand_over(channel).await;
+    }
     shared.tunnels.close_all().await;
     exit.cancel();
     for t in threads {
         let _ = t.join();
     }
-    tracing::info!("stopped");
+    tracing::info!(handed_over = successor.is_some(), "stopped");
     Ok(())
 }
 

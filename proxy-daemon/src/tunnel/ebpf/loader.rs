@@ -48,6 +48,14 @@ impl std::fmt::Debug for Splicer {
 }
 
 impl Splicer {
+    /// Takes over the maps of a running daemon (their descriptors, by name).
+    pub fn adopt(
+        _maps: Vec<(String, std::os::fd::OwnedFd)>,
+        _budget: u32,
+    ) -> anyhow::Result<Splicer> {
+        anyhow::bail!("adopting maps is not implemented yet")
+    }
+
     /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log and
     /// event readers). `budget`: see `--ebpf-budget` (u32::MAX turns accounting off).
     pub fn load(budget: u32) -> anyhow::Result<Splicer> {
