@@ -85,7 +85,7 @@ pub async fn connect(path: &Path) -> anyhow::Result<Inherited> {
     let admin = fds.next().map(Into::into);
     let fast_path = match channel.recv::<ToNew>().await? {
         Some(Received {
-            value: ToNew::FastPath { maps, budget },
+            value: ToNew::FastPath { maps, .. },
             fds,
             ..
         }) if maps.is_empty() && fds.is_empty() => None,
