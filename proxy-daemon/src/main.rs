@@ -35,14 +35,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let relay = match args.splice {
         SpliceMode::Off => userspace,
         SpliceMode::Ebpf => Relay::Ebpf(Arc::new(
-            ebpf::Splicer::load(args.ebpf_budget)
+            ebpf::Splicer::load(args.ebpf_settings())
                 .context("--splice ebpf: the in-kernel fast path cannot start")?,
         )),
         // Evidence (docs/fastpath.md, one run on the netns topology): the kernel path
         // wins small messages (about 25% lower round-trip time and 30% less machine
         // CPU per round trip than either userspace relay) and a bulk direction leaves
         // it after its 2 MiB budget for splice(2), which wins bulk throughput here.
-        SpliceMode::Auto => match ebpf::Splicer::load(args.ebpf_budget) {
+        SpliceMode::Auto => match ebpf::Splicer::load(args.ebpf_settings()) {
             Ok(splicer) => Relay::Ebpf(Arc::new(splicer)),
             Err(e) => {
                 tracing::warn!(
@@ -54,6 +54,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     };
+    if let Some(splicer) = relay.splicer() {
+        let s = &splicer.settings;
+        tracing::info!(
+            budget_per_direction = s.budget,
+            memory_limit = s.memory_limit,
+            max_sockets = s.max_sockets,
+            "in-kernel fast path loaded"
+        );
+    }
+    let splicer = relay.splicer().cloned();
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -90,7 +100,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = sigint.recv() => tracing::info!("SIGINT received"),
         }
     };
-    server::serve(listener, proxy, settings, shutdown).await;
+    // Without the task that takes directions out of the kernel, a direction over budget
+    // would stay there for good: stop, and let the supervisor restart the daemon.
+    let fast_path_failed = async {
+        match &splicer {
+            Some(s) => s.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = server::serve(listener, proxy, settings, shutdown) => {}
+        reason = fast_path_failed => {
+            anyhow::bail!("the in-kernel fast path stopped handing directions over ({reason})");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

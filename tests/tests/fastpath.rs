@@ -768,7 +768,7 @@ async fn bulk_both_ways_many_tunnels() {
     bulk_both_ways(&rig, 1000).await;
 }
 
-/// The same with the budget off, so every byte of the bulk stays in the kernel (with the
+/// The same with the budgets off, so every byte of the bulk stays in the kernel (with the
 /// default budget a bulk direction leaves it within milliseconds): the kernel's own
 /// bulk path, where published sockmap deployments lost and duplicated data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -778,7 +778,10 @@ async fn bulk_both_ways_all_in_kernel() {
     }
     let rig = Rig::start_with(
         &["--splice", "ebpf"],
-        &[("PROJECT_INGRESS_PROXY_EBPF_BUDGET", "4294967295")],
+        &[
+            ("PROJECT_INGRESS_PROXY_EBPF_BUDGET", "4294967295"),
+            ("PROJECT_INGRESS_PROXY_EBPF_MEMORY_LIMIT", "0"),
+        ],
     )
     .await;
     bulk_both_ways(&rig, 5000).await;
