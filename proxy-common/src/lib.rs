@@ -131,6 +131,9 @@ pub struct OverBudgetEvent {
     /// `HANDOFF_*`.
     pub reason: u32,
     pub _pad: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds when the verdict asked (the daemon's reaction time is
+    /// memory: the kernel keeps redirecting until it acts).
+    pub at_ns: u64,
 }
 
 #[cfg(feature = "user")]

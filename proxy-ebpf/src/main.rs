@@ -32,7 +32,10 @@ use core::sync::atomic::AtomicU64;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release,
+        bpf_skc_to_tcp_sock,
+    },
     macros::{map, stream_parser, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -199,6 +202,7 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
             cookie,
             reason: handoff,
             _pad: 0,
+            at_ns: unsafe { bpf_ktime_get_ns() },
         };
         if EVENTS.output::<OverBudgetEvent>(&event, 0).is_err() {
             fetch_add(&memory.events_missed, 1);
@@ -249,10 +253,14 @@ fn store(a: &AtomicU64, v: u64) {
 }
 
 /// Atomic add (wrapping); returns the previous value.
+///
+/// Sequentially consistent on purpose: with `Relaxed`, LLVM 22's BPF backend emits the
+/// non-fetching `lock +=` and then uses the register as if it held the previous value.
+/// (Every BPF atomic is a full barrier anyway.)
 #[inline(always)]
 fn fetch_add(a: &AtomicU64, v: u64) -> u64 {
     // SAFETY: `a` is a valid, aligned u64 for the whole call.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(a.as_ptr(), v) }
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(a.as_ptr(), v) }
 }
 
 /// Atomic compare-and-swap; true when `a` held `old` and now holds `new`.
@@ -260,7 +268,7 @@ fn fetch_add(a: &AtomicU64, v: u64) -> u64 {
 fn compare_exchange(a: &AtomicU64, old: u64, new: u64) -> bool {
     // SAFETY: as above.
     unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
             a.as_ptr(),
             old,
             new,
