@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -92,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         header_read_timeout: args.header_read_timeout,
         shutdown_grace: args.shutdown_grace,
     };
+    let tunnels = proxy.tunnels.clone();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let shutdown = async move {
@@ -111,6 +113,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::select! {
         _ = server::serve(listener, proxy, settings, shutdown) => {}
         reason = fast_path_failed => {
+            // Reset every tunnel (each logs its closing line) so that no peer takes the
+            // exit for the clean end of its stream.
+            let _ = tokio::time::timeout(Duration::from_secs(5), tunnels.close_all()).await;
             anyhow::bail!("the in-kernel fast path stopped handing directions over ({reason})");
         }
     }

@@ -44,6 +44,10 @@ pub struct DirectionCounters {
     kernel_source: AtomicU64,
     /// `DataPath` bits of every relay this direction has used.
     paths: AtomicU8,
+    /// Why the kernel handed the direction to the daemon (`HANDOFF_*`, 0: it did not).
+    handoff: AtomicU8,
+    /// Bytes the kernel consumed from the source without the verdict seeing them.
+    kernel_lost: AtomicU64,
 }
 
 impl DirectionCounters {
@@ -76,6 +80,32 @@ impl DirectionCounters {
         self.kernel_source.store(0, Relaxed);
     }
 
+    /// Bytes the kernel consumed from the source without redirecting them.
+    pub(super) fn kernel_lost(&self, n: u64) {
+        self.kernel_lost.fetch_add(n, Relaxed);
+    }
+
+    /// Bytes of this direction the kernel lost (consumed, never delivered).
+    pub fn lost(&self) -> u64 {
+        self.kernel_lost.load(Relaxed)
+    }
+
+    /// The kernel handed the direction over (`proxy_common::HANDOFF_*`).
+    pub(super) fn handed_off(&self, reason: u32) {
+        self.handoff.store(reason as u8, Relaxed);
+    }
+
+    /// Why the kernel handed the direction to the daemon: "budget" (its own),
+    /// "memory_limit" (the machine-wide one), or "none".
+    pub fn handoff_name(&self) -> &'static str {
+        match self.handoff.load(Relaxed) as u32 {
+            0 => "none",
+            proxy_common::HANDOFF_DIRECTION_BUDGET => "budget",
+            proxy_common::HANDOFF_MEMORY_LIMIT => "memory_limit",
+            _ => "other",
+        }
+    }
+
     /// Bytes per data path now. While the kernel splices the direction, its bytes are
     /// those the verdict redirected so far (a map read).
     pub fn snapshot(&self, splicer: Option<&Splicer>) -> DirectionSnapshot {
@@ -93,6 +123,7 @@ impl DirectionCounters {
             splice,
             copy,
             path: self.path_name(),
+            handoff: self.handoff_name(),
         }
     }
 
@@ -124,7 +155,7 @@ impl DirectionCounters {
 }
 
 /// A direction's bytes by data path.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DirectionSnapshot {
     /// Every byte delivered to the destination socket so far.
     pub bytes: u64,
@@ -133,6 +164,8 @@ pub struct DirectionSnapshot {
     pub copy: u64,
     /// See [`DirectionCounters::path_name`].
     pub path: &'static str,
+    /// See [`DirectionCounters::handoff_name`].
+    pub handoff: &'static str,
 }
 
 /// Both directions of a tunnel plus what the kernel reported about it.

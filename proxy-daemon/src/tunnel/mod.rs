@@ -199,7 +199,9 @@ async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &Cance
     }
     let ended = registry.close(&live);
     let (up, down) = (&ended.client_to_upstream, &ended.upstream_to_client);
-    let dropped = counters.kernel_dropped.load(Ordering::Relaxed);
+    let dropped = counters.kernel_dropped.load(Ordering::Relaxed)
+        + counters.client_to_upstream.lost()
+        + counters.upstream_to_client.lost();
     let misparsed = counters.kernel_misparsed.load(Ordering::Relaxed);
     if dropped != 0 || misparsed != 0 {
         tracing::warn!(
@@ -221,6 +223,8 @@ async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &Cance
         upstream_to_client_path = down.path,
         client_to_upstream_kernel = up.kernel,
         upstream_to_client_kernel = down.kernel,
+        client_to_upstream_handoff = up.handoff,
+        upstream_to_client_handoff = down.handoff,
         // Both directions' kernel bytes (kept for older readers of this line).
         in_kernel = up.kernel + down.kernel,
         kernel_queue_peak = counters.kernel_queue_peak.load(Ordering::Relaxed),

@@ -67,6 +67,9 @@ pub struct Stats {
     pub handoffs_memory_limit: AtomicU64,
     /// Of those, hand-offs found through the ledger because the event ring was full.
     pub handoffs_found_by_scan: AtomicU64,
+    /// Longest time between the verdict asking for a hand-off and the daemon taking the
+    /// direction out of the kernel (the kernel keeps redirecting meanwhile).
+    pub handoff_latency_max_ns: AtomicU64,
     /// Tunnels relayed in userspace because the maps were full.
     pub maps_full: AtomicU64,
     /// Bytes the kernel failed to redirect (lost; the tunnel was reset).
@@ -80,7 +83,7 @@ pub struct Stats {
 /// The loaded programs and their maps. The maps are not pinned: they (and every socket
 /// reference in them) go away with the process, so a crash never leaves a socket spliced.
 pub struct Splicer {
-    socks: Mutex<SockHash<MapData, u64>>,
+    socks: Arc<Mutex<SockHash<MapData, u64>>>,
     targets: Mutex<SockHash<MapData, u64>>,
     directions: Mutex<HashMap<MapData, u64, Direction>>,
     pub(super) accounting: Arc<Accounting>,
@@ -152,7 +155,16 @@ impl Splicer {
         ));
         let live = Arc::new(LiveDirections::default());
         let stats = Arc::new(Stats::default());
-        let failed = watcher::spawn(events, live.clone(), accounting.clone(), stats.clone())?;
+        let socks = Arc::new(Mutex::new(socks));
+        let failed = watcher::spawn(
+            events,
+            watcher::Shared {
+                live: live.clone(),
+                accounting: accounting.clone(),
+                stats: stats.clone(),
+                socks: socks.clone(),
+            },
+        )?;
         for name in ["parser", "verdict"] {
             let prog: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -160,11 +172,11 @@ impl Splicer {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
-            prog.attach(socks.fd())
+            prog.attach(socks.lock().unwrap().fd())
                 .with_context(|| format!("attaching program {name} to {SOCKS_MAP}"))?;
         }
         Ok(Splicer {
-            socks: Mutex::new(socks),
+            socks,
             targets: Mutex::new(targets),
             directions: Mutex::new(directions),
             accounting,

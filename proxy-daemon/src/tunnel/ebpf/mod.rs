@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use proxy_common::HANDOFF_DIRECTION_BUDGET;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -39,6 +40,8 @@ struct Way<'a> {
     to: &'a TcpStream,
     /// `to`'s send-stream position before anything was redirected into it.
     to_base: u64,
+    /// `from`'s receive position (bytes consumed) before the kernel took it over.
+    from_base: u64,
     /// Its entry in the shared ledger (machine-wide memory accounting).
     slot: u32,
     counters: &'a DirectionCounters,
@@ -171,12 +174,20 @@ pub async fn relay(
         &counters.upstream_to_client,
     );
     for (from_cookie, from, to_cookie, to, to_base, dir_counters) in [up_way, down_way] {
+        let from_base = match sys::consumed_position(from) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(spliced);
+                return RelayEnd::Reset(e.kind());
+            }
+        };
         match splicer.add_direction(from_cookie, to_cookie) {
             Ok(slot) => spliced.ways.push(Way {
                 from_cookie,
                 from,
                 to,
                 to_base,
+                from_base,
                 slot,
                 counters: dir_counters,
                 in_kernel: AtomicBool::new(false),
@@ -204,9 +215,13 @@ pub async fn relay(
     // Then each socket as a source, upstream first. One that is refused (its FIN
     // arrived meanwhile) leaves just its direction to the daemon.
     for w in spliced.ways.iter_mut().rev() {
-        w.handoff = splicer
-            .live
-            .watch(w.from_cookie, w.slot, w.to.as_raw_fd(), w.to_base);
+        w.handoff = splicer.live.watch(
+            w.from_cookie,
+            w.slot,
+            w.from.as_raw_fd(),
+            w.to.as_raw_fd(),
+            w.to_base,
+        );
         w.in_kernel.store(true, Relaxed);
         w.counters.enter_kernel(w.from_cookie);
         if let Err(e) = splicer.splice_source(w.from_cookie, w.from) {
@@ -217,9 +232,12 @@ pub async fn relay(
             w.counters.drop_path(super::DataPath::Kernel);
         }
     }
-    // Bytes queued before insertion wait for new data unless poked.
+    // Bytes queued before insertion wait for new data unless poked. The poke takes the
+    // socket's owner lock, which moves that parser pass to a workqueue (see `sys::rdhup`):
+    // only when there is something to parse.
     for w in &spliced.ways {
-        if w.in_kernel.load(Relaxed) {
+        let arrived = sys::bytes_received(w.from).is_ok_and(|n| n > w.from_base);
+        if w.in_kernel.load(Relaxed) && arrived {
             if let Err(e) = sys::kick_queued(w.from) {
                 return RelayEnd::Reset(e.kind());
             }
@@ -271,6 +289,31 @@ async fn watch_error(s: &TcpStream) -> io::Error {
 /// have been redirected. A lookup that fails (the state is gone) or bytes the kernel
 /// dropped mean the stream is not whole: the tunnel is reset, never closed cleanly.
 fn final_state(splicer: &Splicer, way: &Way<'_>) -> io::Result<proxy_common::Direction> {
+    let dir = verdict_state(splicer, way)?;
+    // Every byte the kernel took from the source must have been redirected: a message
+    // the parser handed on after the socket left the map is dropped by the kernel.
+    let consumed = sys::consumed_position(way.from)?.saturating_sub(way.from_base);
+    if consumed != dir.redirected {
+        let lost = consumed.saturating_sub(dir.redirected + dir.dropped);
+        way.counters.kernel_lost(lost);
+        splicer.stats.kernel_dropped.fetch_add(lost, Relaxed);
+        tracing::warn!(
+            consumed,
+            redirected = dir.redirected,
+            "fast path: the kernel consumed tunnel bytes it did not redirect, resetting the tunnel"
+        );
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!(
+                "the kernel consumed {consumed} bytes but redirected {}",
+                dir.redirected
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
+fn verdict_state(splicer: &Splicer, way: &Way<'_>) -> io::Result<proxy_common::Direction> {
     let Some(dir) = splicer.direction(way.from_cookie) else {
         tracing::warn!(
             cookie = way.from_cookie,
@@ -296,6 +339,7 @@ fn final_state(splicer: &Splicer, way: &Way<'_>) -> io::Result<proxy_common::Dir
 async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
     let (from, to, moved) = (way.from, way.to, way.counters);
     let spliced = way.in_kernel.load(Relaxed);
+    let mut handoff = 0;
     if spliced {
         tokio::select! {
             r = wait_eof(from) => {
@@ -312,11 +356,13 @@ async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
         // takes it too, so the verdict's count below is final.
         sys::stream_position(from)?;
         let dir = final_state(splicer, way)?;
+        handoff = splicer.accounting.handoff(way.slot);
+        moved.handed_off(handoff);
         tracing::debug!(
             redirected = dir.redirected,
             budget = dir.budget,
             max_outstanding = dir.max_outstanding,
-            reason = splicer.accounting.handoff(way.slot),
+            reason = handoff,
             "fast path: direction handed over, relaying it in userspace"
         );
         wait_delivered(to, way.to_base, dir.redirected).await?;
@@ -325,29 +371,38 @@ async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
     if drain_queued(from, to, moved).await? {
         return Ok(());
     }
-    if spliced {
-        // Handed over for being over budget: a bulk direction, where splice(2) is the
-        // fastest relay measured here (docs/fastpath.md); its pipe exists only for it.
+    if handoff == HANDOFF_DIRECTION_BUDGET {
+        // Over its own budget: a bulk direction, where splice(2) is the fastest relay
+        // measured here (docs/fastpath.md); its pipe exists only for it.
         super::splice::one_way(from, to, moved).await
     } else {
+        // Never spliced, or handed over because the machine-wide limit was reached:
+        // under memory pressure the copy relay holds least (no pipe buffer).
         super::copy::one_way(from, to, moved).await
     }
 }
 
 /// Resolves at the spliced socket's EOF with nothing unparsed in front of it.
+///
+/// Watches without taking the socket's owner lock (see `sys::rdhup`): only once the FIN
+/// is in, when no more data can come, does it `recv` to tell a FIN from a reset.
 async fn wait_eof(from: &TcpStream) -> io::Result<()> {
     loop {
-        match sys::peek(from) {
-            Ok(0) => return Ok(()),
-            // The verdict never passes bytes to the socket itself, so there is nothing
-            // to read; the parser just has not reached the FIN yet.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                from.readable().await?;
-                clear_readable(from);
+        if sys::rdhup(from)? {
+            match sys::peek(from) {
+                Ok(0) => return Ok(()),
+                // The verdict never passes bytes to the socket itself, so they are the
+                // parser's still: it has not reached the FIN yet.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        } else {
+            from.readable().await?;
+            clear_readable(from);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The fast path's one background task: reads the verdict's over-budget events and wakes
+//! The fast path's one background thread: reads the verdict's over-budget events and wakes
 //! the tunnel that must take that direction over; finds the directions whose event was
 //! lost to a full ring (their ledger says so); and, twice a second, takes off the
 //! machine-wide count the bytes that quiet directions have delivered since their last
@@ -12,10 +12,12 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
 use anyhow::Context;
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, RingBuf, SockHash};
 use proxy_common::{OverBudgetEvent, HANDOFF_DIRECTION_BUDGET};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Notify};
 
 use super::loader::Stats;
@@ -32,6 +34,8 @@ const FAULT_ENV: &str = "PROJECT_INGRESS_PROXY_TEST_FAULT";
 /// A direction the kernel splices now.
 struct Watched {
     slot: u32,
+    /// The source socket's fd (open while the entry exists, like `to`).
+    from: RawFd,
     /// The peer socket's fd and its send-stream position before any redirect: the
     /// direction's delivered bytes are `stream_position(to) - to_base`. The fd stays
     /// open while the entry exists (the tunnel removes the entry before it closes its
@@ -53,12 +57,20 @@ pub struct LiveDirections {
 impl LiveDirections {
     /// Starts watching a direction; the returned notifier fires when it must leave the
     /// kernel. `to` must stay open until [`forget`](Self::forget).
-    pub fn watch(&self, cookie: u64, slot: u32, to: RawFd, to_base: u64) -> Arc<Notify> {
+    pub fn watch(
+        &self,
+        cookie: u64,
+        slot: u32,
+        from: RawFd,
+        to: RawFd,
+        to_base: u64,
+    ) -> Arc<Notify> {
         let handoff = Arc::new(Notify::new());
         self.dirs.lock().unwrap().insert(
             cookie,
             Watched {
                 slot,
+                from,
                 to,
                 to_base,
                 handoff: handoff.clone(),
@@ -78,35 +90,39 @@ impl LiveDirections {
         self.dirs.lock().unwrap().len()
     }
 
-    fn hand_off(&self, cookie: u64) -> bool {
+    /// Takes a direction out of the kernel, once: waits for any stream-parser pass
+    /// running from the workqueue (it holds the socket's owner lock, which the map
+    /// removal does not exclude; TCP_INFO waits for it), then removes the socket from
+    /// `SOCKS` and wakes the tunnel. False if it was already handed over, or is gone.
+    fn hand_off(&self, cookie: u64, socks: &Mutex<SockHash<MapData, u64>>) -> bool {
+        // Under the lock: the fds cannot close meanwhile.
         let mut dirs = self.dirs.lock().unwrap();
-        match dirs.get_mut(&cookie) {
-            Some(w) if !w.notified => {
-                w.notified = true;
-                w.handoff.notify_one();
-                true
-            }
-            _ => false,
+        let Some(w) = dirs.get_mut(&cookie) else {
+            return false;
+        };
+        if w.notified {
+            return false;
         }
+        w.notified = true;
+        let _ = sys::stream_position(&w.from);
+        let _ = socks.lock().unwrap().remove(&cookie);
+        w.handoff.notify_one();
+        true
     }
 
     /// Wakes every direction whose ledger asks for a hand-off that no event announced.
-    /// Returns (direction budget, memory limit) counts.
-    fn hand_off_from_ledger(&self, accounting: &Accounting) -> (u64, u64) {
-        let mut found = (0, 0);
-        for w in self.dirs.lock().unwrap().values_mut() {
-            let reason = accounting.handoff(w.slot);
-            if reason != 0 && !w.notified {
-                w.notified = true;
-                w.handoff.notify_one();
-                if reason == HANDOFF_DIRECTION_BUDGET {
-                    found.0 += 1;
-                } else {
-                    found.1 += 1;
-                }
-            }
-        }
-        found
+    /// Returns their cookies and reasons.
+    fn over_budget_in_ledger(&self, accounting: &Accounting) -> Vec<(u64, u32)> {
+        self.dirs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, w)| !w.notified)
+            .filter_map(|(&cookie, w)| {
+                let reason = accounting.handoff(w.slot);
+                (reason != 0).then_some((cookie, reason))
+            })
+            .collect()
     }
 
     /// Takes off the machine-wide count what quiet directions have delivered.
@@ -129,89 +145,138 @@ impl LiveDirections {
     }
 }
 
-/// Starts the task. The receiver turns `Some(reason)` if it ever stops.
+/// What the task needs of the loaded fast path.
+pub struct Shared {
+    pub live: Arc<LiveDirections>,
+    pub accounting: Arc<Accounting>,
+    pub stats: Arc<Stats>,
+    /// `SOCKS`: a direction handed over leaves it here at once (the verdict keeps
+    /// redirecting until then), before its tunnel's task even wakes.
+    pub socks: Arc<Mutex<SockHash<MapData, u64>>>,
+}
+
+impl Shared {
+    fn hand_off(&self, cookie: u64, reason: u32) -> bool {
+        if !self.live.hand_off(cookie, &self.socks) {
+            return false;
+        }
+        let counter = if reason == HANDOFF_DIRECTION_BUDGET {
+            &self.stats.handoffs_direction_budget
+        } else {
+            &self.stats.handoffs_memory_limit
+        };
+        counter.fetch_add(1, Relaxed);
+        true
+    }
+}
+
+/// Starts the thread. The receiver turns `Some(reason)` if it ever stops.
+///
+/// A thread of its own rather than a tokio task: between the verdict's request and the
+/// removal from `SOCKS` the kernel keeps redirecting at line rate, so the reaction time
+/// is memory; a thread blocked in `poll(2)` on the ring runs as soon as it gets a CPU,
+/// never behind other tasks.
 pub fn spawn(
     events: RingBuf<MapData>,
-    live: Arc<LiveDirections>,
-    accounting: Arc<Accounting>,
-    stats: Arc<Stats>,
+    shared: Shared,
 ) -> anyhow::Result<watch::Receiver<Option<String>>> {
-    // SAFETY: the ring buffer owns its map fd and keeps it open until it is dropped
-    // together with the AsyncFd.
-    let ring = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
-        .context("watching the eBPF event ring buffer")?;
     let fault = std::env::var(FAULT_ENV).is_ok_and(|f| f == "event-reader-panic");
-    let task = tokio::spawn(run(ring, live, accounting, stats, fault));
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let reason = match task.await {
-            Ok(e) => format!("{e:#}"),
-            Err(e) if e.is_panic() => "it panicked".to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::error!(
-            reason,
-            "fast path: the task that hands directions over from the kernel stopped"
-        );
-        let _ = tx.send(Some(reason));
-    });
+    std::thread::Builder::new()
+        .name("fastpath-handoff".into())
+        .spawn(move || {
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(events, &shared, fault)
+            }));
+            let reason = match ended {
+                Ok(e) => format!("{e:#}"),
+                Err(_) => "it panicked".to_string(),
+            };
+            tracing::error!(
+                reason,
+                "fast path: the thread that hands directions over from the kernel stopped"
+            );
+            let _ = tx.send(Some(reason));
+        })
+        .context("starting the fast path's hand-off thread")?;
     Ok(rx)
 }
 
-async fn run(
-    mut ring: AsyncFd<RingBuf<MapData>>,
-    live: Arc<LiveDirections>,
-    accounting: Arc<Accounting>,
-    stats: Arc<Stats>,
-    fault: bool,
-) -> anyhow::Error {
-    let mut tick = tokio::time::interval(SETTLE_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+fn run(mut events: RingBuf<MapData>, shared: &Shared, fault: bool) -> anyhow::Error {
+    let fd = events.as_raw_fd();
+    let mut settled = Instant::now();
     let mut missed_seen = 0;
     loop {
-        tokio::select! {
-            ready = ring.readable_mut() => {
-                let mut guard = match ready {
-                    Ok(g) => g,
-                    Err(e) => return anyhow::Error::new(e).context("waiting on the event ring"),
-                };
-                let events = guard.get_inner_mut();
-                while let Some(item) = events.next() {
-                    assert!(!fault, "test fault: event reader panics");
-                    let Some(event) = parse(&item) else {
-                        tracing::warn!(len = item.len(), "fast path: malformed event ignored");
-                        continue;
-                    };
-                    if live.hand_off(event.cookie) {
-                        let counter = if event.reason == HANDOFF_DIRECTION_BUDGET {
-                            &stats.handoffs_direction_budget
-                        } else {
-                            &stats.handoffs_memory_limit
-                        };
-                        counter.fetch_add(1, Relaxed);
-                    }
-                }
-                guard.clear_ready();
+        let wait = SETTLE_EVERY.saturating_sub(settled.elapsed());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        if unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-            _ = tick.tick() => live.settle_quiet(&accounting),
+            return anyhow::Error::new(e).context("waiting on the event ring");
+        }
+        while let Some(item) = events.next() {
+            assert!(!fault, "test fault: event reader panics");
+            let Some(event) = parse(&item) else {
+                tracing::warn!(len = item.len(), "fast path: malformed event ignored");
+                continue;
+            };
+            if shared.hand_off(event.cookie, event.reason) {
+                let waited = monotonic_ns().saturating_sub(event.at_ns);
+                shared
+                    .stats
+                    .handoff_latency_max_ns
+                    .fetch_max(waited, Relaxed);
+                tracing::debug!(
+                    cookie = event.cookie,
+                    reason = event.reason,
+                    latency_us = waited / 1000,
+                    "fast path: direction taken out of the kernel"
+                );
+            }
         }
         // An event the ring had no room for: the ledger still says which direction.
-        let missed = accounting.events_missed();
+        let missed = shared.accounting.events_missed();
         if missed != missed_seen {
             missed_seen = missed;
-            let (budget, limit) = live.hand_off_from_ledger(&accounting);
-            stats.handoffs_direction_budget.fetch_add(budget, Relaxed);
-            stats.handoffs_memory_limit.fetch_add(limit, Relaxed);
-            stats
+            let found: Vec<(u64, u32)> = shared
+                .live
+                .over_budget_in_ledger(&shared.accounting)
+                .into_iter()
+                .filter(|&(cookie, reason)| shared.hand_off(cookie, reason))
+                .collect();
+            shared
+                .stats
                 .handoffs_found_by_scan
-                .fetch_add(budget + limit, Relaxed);
+                .fetch_add(found.len() as u64, Relaxed);
             tracing::warn!(
                 events_missed = missed,
-                found = budget + limit,
+                found = found.len(),
                 "fast path: the event ring was full; directions over budget found through the ledger"
             );
         }
+        if settled.elapsed() >= SETTLE_EVERY {
+            shared.live.settle_quiet(&shared.accounting);
+            settled = Instant::now();
+        }
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock of `bpf_ktime_get_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn parse(item: &[u8]) -> Option<OverBudgetEvent> {
@@ -222,5 +287,6 @@ fn parse(item: &[u8]) -> Option<OverBudgetEvent> {
         cookie: u64::from_ne_bytes(item[0..8].try_into().ok()?),
         reason: u32::from_ne_bytes(item[8..12].try_into().ok()?),
         _pad: 0,
+        at_ns: u64::from_ne_bytes(item[16..24].try_into().ok()?),
     })
 }
