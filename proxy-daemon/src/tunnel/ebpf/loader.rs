@@ -87,12 +87,12 @@ pub struct Splicer {
     targets: Mutex<SockHash<MapData, u64>>,
     directions: Mutex<HashMap<MapData, u64, Direction>>,
     pub(super) accounting: Arc<Accounting>,
-    /// Directions the kernel splices now, watched by the background task.
+    /// Directions the kernel splices now, watched by the hand-off thread.
     pub(super) live: Arc<LiveDirections>,
     pub(super) budget: u32,
     pub settings: Settings,
     pub stats: Arc<Stats>,
-    /// Set once the background task that hands directions over has stopped: from then
+    /// Set once the thread that hands directions over has stopped: from then
     /// on no direction could leave the kernel, so the daemon must exit.
     failed: watch::Receiver<Option<String>>,
     // Kept open so the maps are listed with the others under the daemon's fds.
@@ -191,14 +191,14 @@ impl Splicer {
         })
     }
 
-    /// Resolves (with the reason) if the task that hands directions over from the kernel
+    /// Resolves (with the reason) if the thread that hands directions over from the kernel
     /// stops. Directions over budget would then stay in the kernel for good: the caller
     /// must treat it as fatal.
     pub async fn failed(&self) -> String {
         let mut rx = self.failed.clone();
         let reason = match rx.wait_for(|f| f.is_some()).await {
             Ok(reason) => reason.clone().unwrap_or_default(),
-            Err(_) => "the fast path's event task is gone".into(),
+            Err(_) => "the fast path's hand-off thread is gone".into(),
         };
         reason
     }

@@ -2,18 +2,15 @@
 //! the tunnel that must take that direction over; finds the directions whose event was
 //! lost to a full ring (their ledger says so); and, twice a second, takes off the
 //! machine-wide count the bytes that quiet directions have delivered since their last
-//! message (the verdict only sees delivery when a new message comes). If this task ends,
+//! message (the verdict only sees delivery when a new message comes). If this thread ends,
 //! no direction could leave the kernel again: [`spawn`]'s receiver reports it, and the
 //! daemon exits.
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf, SockHash};
@@ -27,19 +24,19 @@ use super::sys;
 /// How often quiet directions are settled and the ledger is checked for lost events.
 const SETTLE_EVERY: Duration = Duration::from_millis(500);
 
-/// Test-only fault (env `PROJECT_INGRESS_PROXY_TEST_FAULT=event-reader-panic`): the task
+/// Test-only fault (env `PROJECT_INGRESS_PROXY_TEST_FAULT=event-reader-panic`): the thread
 /// panics at the first event, to prove the daemon does not run on without it.
 const FAULT_ENV: &str = "PROJECT_INGRESS_PROXY_TEST_FAULT";
 
 /// A direction the kernel splices now.
 struct Watched {
     slot: u32,
-    /// The source socket's fd (open while the entry exists, like `to`).
+    /// The source socket's fd. Both fds stay open while the entry exists: the tunnel
+    /// removes the entry (under this map's lock) before it closes its sockets, and this
+    /// thread uses them only under that lock.
     from: RawFd,
     /// The peer socket's fd and its send-stream position before any redirect: the
-    /// direction's delivered bytes are `stream_position(to) - to_base`. The fd stays
-    /// open while the entry exists (the tunnel removes the entry before it closes its
-    /// sockets, and both happen under this map's lock or after it).
+    /// direction's delivered bytes are `stream_position(to) - to_base`.
     to: RawFd,
     to_base: u64,
     /// Woken (with a stored permit) when the direction must leave the kernel.
@@ -145,7 +142,7 @@ impl LiveDirections {
     }
 }
 
-/// What the task needs of the loaded fast path.
+/// What the thread needs of the loaded fast path.
 pub struct Shared {
     pub live: Arc<LiveDirections>,
     pub accounting: Arc<Accounting>,
@@ -156,6 +153,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Takes a direction out of the kernel and counts why; false if it already was.
     fn hand_off(&self, cookie: u64, reason: u32) -> bool {
         if !self.live.hand_off(cookie, &self.socks) {
             return false;
