@@ -74,6 +74,18 @@ pub struct Args {
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_BUDGET", default_value_t = crate::tunnel::ebpf::DEFAULT_BUDGET, value_parser = clap::value_parser!(u32).range(64 * 1024..))]
     pub ebpf_budget: u32,
 
+    /// Fast path: most bytes queued inside the kernel over every tunnel direction at once (memory no socket or cgroup is charged for; 0 = no machine-wide limit). Past it, the direction that adds more is relayed with splice(2) for the rest of its tunnel, as over --ebpf-budget.
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_MEMORY_LIMIT", default_value_t = crate::tunnel::ebpf::DEFAULT_MEMORY_LIMIT)]
+    pub ebpf_memory_limit: u64,
+
+    /// Fast path: capacity of its socket maps (two sockets per tunnel). Tunnels beyond it use the userspace relay.
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_MAX_SOCKETS", default_value_t = crate::tunnel::ebpf::DEFAULT_MAX_SOCKETS, value_parser = clap::value_parser!(u32).range(2..))]
+    pub ebpf_max_sockets: u32,
+
+    /// Fast path: size of the over-budget event ring buffer in bytes (a power of two, at least a page). For tests; the default fits thousands of events.
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_EVENT_RING_BYTES", default_value_t = crate::tunnel::ebpf::DEFAULT_EVENT_RING_BYTES, hide = true)]
+    pub ebpf_event_ring_bytes: u32,
+
     /// Relay used for tunnels that are not spliced by eBPF (`--splice off`, or `auto`
     /// when the fast path cannot load or does not pay).
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_USERSPACE_RELAY", value_enum, default_value_t = UserspaceRelay::Copy)]
@@ -249,6 +261,16 @@ impl Args {
             self.workers
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// The fast path's load-time settings.
+    pub fn ebpf_settings(&self) -> crate::tunnel::ebpf::Settings {
+        crate::tunnel::ebpf::Settings {
+            budget: self.ebpf_budget,
+            memory_limit: self.ebpf_memory_limit,
+            max_sockets: self.ebpf_max_sockets,
+            event_ring_bytes: self.ebpf_event_ring_bytes,
         }
     }
 

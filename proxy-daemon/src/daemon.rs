@@ -59,7 +59,7 @@ fn choose_relay(args: &Args) -> anyhow::Result<DataPath> {
         },
         SpliceMode::Ebpf => DataPath {
             relay: Relay::Ebpf(Arc::new(
-                ebpf::Splicer::load(args.ebpf_budget)
+                ebpf::Splicer::load(args.ebpf_settings())
                     .context("--splice ebpf: the in-kernel fast path cannot start")?,
             )),
             reason: "--splice ebpf".into(),
@@ -68,7 +68,7 @@ fn choose_relay(args: &Args) -> anyhow::Result<DataPath> {
         // wins small messages (about 25% lower round-trip time and 30% less machine
         // CPU per round trip than either userspace relay) and a bulk direction leaves
         // it after its 2 MiB budget for splice(2), which wins bulk throughput here.
-        SpliceMode::Auto => match ebpf::Splicer::load(args.ebpf_budget) {
+        SpliceMode::Auto => match ebpf::Splicer::load(args.ebpf_settings()) {
             Ok(splicer) => DataPath {
                 relay: Relay::Ebpf(Arc::new(splicer)),
                 reason: "auto: the fast path loaded (it wins small messages; bulk directions move to splice(2) past their budget)".into(),
@@ -133,7 +133,7 @@ async fn check(args: Args) -> anyhow::Result<()> {
         UserspaceRelay::Splice => Relay::Splice,
         UserspaceRelay::Copy => Relay::Copy,
     };
-    match ebpf::Splicer::load(args.ebpf_budget) {
+    match ebpf::Splicer::load(args.ebpf_settings()) {
         Ok(_) => {
             println!("in-kernel fast path: loads");
             println!("--splice auto chooses: ebpf (it wins small messages; bulk directions move to splice(2) past their budget, docs/fastpath.md)");
@@ -319,12 +319,39 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         tokio::spawn(watchdog(period));
     }
 
+    let splicer = shared.tunnels.relay().splicer().cloned();
+    if let Some(splicer) = &splicer {
+        let s = &splicer.settings;
+        tracing::info!(
+            budget_per_direction = s.budget,
+            memory_limit = s.memory_limit,
+            max_sockets = s.max_sockets,
+            "in-kernel fast path loaded"
+        );
+    }
+    // Without the thread that takes directions out of the kernel, a direction over
+    // budget would stay there for good: stop, and let the supervisor restart the daemon.
+    let fast_path_failed = async {
+        match &splicer {
+            Some(s) => s.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(fast_path_failed);
+
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut successor = None;
     loop {
         tokio::select! {
+            reason = &mut fast_path_failed => {
+                // Reset every tunnel (each logs its closing line) so that no peer takes
+                // the exit for the clean end of its stream.
+                admin::READY.store(false, Ordering::Relaxed);
+                let _ = tokio::time::timeout(Duration::from_secs(5), shared.tunnels.close_all()).await;
+                anyhow::bail!("the in-kernel fast path stopped handing directions over ({reason})");
+            }
             _ = sigterm.recv() => {
                 tracing::info!("SIGTERM received");
                 break;

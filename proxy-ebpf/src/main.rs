@@ -8,31 +8,46 @@
 //! twice) and the verdict redirects each message to the peer's egress.
 //!
 //! Memory: a redirected skb is uncharged from its source socket and queued on the peer's
-//! psock without limit, so the verdict keeps, per direction, the bytes redirected minus
-//! the bytes that entered the peer's TCP send stream (`tcp_sock.write_seq`). Past the
-//! budget it asks the daemon (ring buffer `EVENTS`) to take the direction over. The
-//! daemon removes the source socket from `SOCKS` (its parser and verdict stop, its psock
-//! stays because it is still in `TARGETS`), waits until every redirected byte is in the
-//! peer's stream, then relays the direction itself from the socket's ordinary receive
-//! queue, whose window closes when the daemon falls behind. The verdict never passes
-//! bytes to the socket's own psock: on this kernel that corrupts `copied_seq` (see
-//! docs/fastpath.md).
+//! psock without limit, so the verdict keeps two budgets. Per direction: the bytes
+//! redirected minus the bytes that entered the peer's TCP send stream
+//! (`tcp_sock.write_seq`). Machine-wide: the sum of that over every direction
+//! (`MEMORY.queued`, kept exact by the per-direction `LEDGER`). Past either, it asks the
+//! daemon (ring buffer `EVENTS`, or `LEDGER.handoff` when the ring is full) to take the
+//! direction over. The daemon removes the source socket from `SOCKS` (its parser and
+//! verdict stop, its psock stays because it is still in `TARGETS`), waits until every
+//! redirected byte is in the peer's stream, then relays the direction itself from the
+//! socket's ordinary receive queue, whose window closes when the daemon falls behind. The
+//! verdict never passes bytes to the socket's own psock: on this kernel that corrupts
+//! `copied_seq` (see docs/fastpath.md).
 #![no_std]
 #![no_main]
+// The BPF target offers atomic loads and stores only; read-modify-write atomics (BPF ISA
+// v3: fetch-add, compare-and-swap) come from the intrinsics.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use core::ffi::c_void;
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
+use core::sync::atomic::AtomicU64;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release, bpf_skc_to_tcp_sock},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release,
+        bpf_skc_to_tcp_sock,
+    },
     macros::{map, stream_parser, stream_verdict},
-    maps::{HashMap, RingBuf, SockHash},
+    maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::info;
 use proxy_common::{
-    Direction, FLAG_BASE_SET, FLAG_OVER_BUDGET, FLAG_PEER_GONE, FLAG_SEQ_SET, MAX_SOCKETS,
+    Direction, KernelMemory, Ledger, OverBudgetEvent, BPF_F_MMAPABLE, FLAG_BASE_SET,
+    FLAG_OVER_BUDGET, FLAG_PEER_GONE, FLAG_SEQ_SET, HANDOFF_DIRECTION_BUDGET, HANDOFF_MEMORY_LIMIT,
+    MAX_SOCKETS,
 };
+
+// The loader may resize every map below (`--ebpf-max-sockets`, event ring size).
 
 /// Sockets whose incoming bytes are spliced (parser and verdict attached).
 #[map]
@@ -42,12 +57,20 @@ static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Cookies of sockets whose direction went over budget, for the daemon.
+/// Directions that should leave the kernel ([`OverBudgetEvent`]), for the daemon.
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[map]
 static DIRECTIONS: HashMap<u64, Direction> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+/// Per direction slot: its share of the machine-wide queued bytes (see [`Ledger`]).
+#[map]
+static LEDGER: Array<Ledger> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
+
+/// Entry 0: the machine-wide counters (see [`KernelMemory`]).
+#[map]
+static MEMORY: Array<KernelMemory> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// `offsetof(struct tcp_sock, write_seq)` on the running kernel; set by the loader from
 /// the kernel's BTF (read-only data, so the verifier sees a constant offset).
@@ -57,6 +80,11 @@ static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
 /// `offsetof(struct tcp_sock, copied_seq)`, set the same way.
 #[no_mangle]
 static TCP_SOCK_COPIED_SEQ_OFFSET: u32 = 0;
+
+/// Most bytes queued in the kernel over every direction (`u64::MAX`: no limit); set by
+/// the loader (`--ebpf-memory-limit`).
+#[no_mangle]
+static MEMORY_LIMIT: u64 = u64::MAX;
 
 #[stream_parser]
 pub fn parser(ctx: SkBuffContext) -> u32 {
@@ -115,11 +143,18 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     };
     let dir = unsafe { &mut *dir };
+    let (Some(ledger), Some(memory)) = (LEDGER.get_ptr(dir.slot), MEMORY.get_ptr(0)) else {
+        // Cannot happen (the daemon allocates slots within the map): keep the bytes.
+        return SK_PASS;
+    };
+    let (ledger, memory) = unsafe { (&*ledger, &*memory) };
     // The message's length as the parser computed it (the skb may start with bytes
     // that were consumed before; the kernel sends only the message's own bytes).
-    let len = dir.msg_len;
+    let len = dir.msg_len as u64;
+    let limit = unsafe { core::ptr::read_volatile(&MEMORY_LIMIT) };
     let mut peer = dir.peer;
-    if dir.budget != u32::MAX {
+    let mut handoff = 0;
+    if dir.budget != u32::MAX || limit != u64::MAX {
         match peer_write_seq(&peer) {
             Some(peer_seq) => {
                 if dir.flags & FLAG_BASE_SET == 0 {
@@ -128,37 +163,118 @@ pub fn verdict(ctx: SkBuffContext) -> u32 {
                 }
                 let in_stream = peer_seq.wrapping_sub(dir.base_seq);
                 let outstanding = (dir.redirected as u32).wrapping_sub(in_stream) as i32;
-                let outstanding = if outstanding < 0 { 0 } else { outstanding as u64 };
-                let queued = outstanding + len as u64;
+                let outstanding = if outstanding < 0 {
+                    0
+                } else {
+                    outstanding as u64
+                };
+                // Every byte redirected before this message that is not outstanding is
+                // in the peer's stream: it no longer counts against the machine.
+                settle(ledger, memory, dir.redirected - outstanding);
+                let queued = outstanding + len;
                 if queued > dir.max_outstanding {
                     dir.max_outstanding = queued;
                 }
-                if queued > dir.budget as u64
-                    && dir.flags & FLAG_OVER_BUDGET == 0
-                    // Keep redirecting (nothing else is lossless here) until the daemon
-                    // takes the socket out of SOCKS; tell it once. A full ring buffer
-                    // (thousands of tunnels over budget at once) is retried next skb.
-                    && EVENTS.output::<u64>(&cookie, 0).is_ok()
-                {
-                    dir.flags |= FLAG_OVER_BUDGET;
-                    info!(
-                        &ctx,
-                        "fastpath: socket {} over budget ({} bytes queued for peer), handing the direction to the daemon",
-                        cookie,
-                        outstanding
-                    );
+                if queued > dir.budget as u64 {
+                    handoff = HANDOFF_DIRECTION_BUDGET;
                 }
             }
             None => dir.flags |= FLAG_PEER_GONE,
         }
     }
+    // Counted as queued before the kernel can send it, so a delivery is never seen
+    // before the redirect it belongs to is counted.
+    let machine = fetch_add(&memory.queued, len).wrapping_add(len) as i64;
+    store(&ledger.redirected, load(&ledger.redirected) + len);
+    if machine > load(&memory.peak) as i64 {
+        store(&memory.peak, machine as u64);
+    }
+    if handoff == 0 && machine as u64 > limit && machine > 0 {
+        handoff = HANDOFF_MEMORY_LIMIT;
+    }
+    if handoff != 0 && dir.flags & FLAG_OVER_BUDGET == 0 {
+        // Keep redirecting (nothing else is lossless here) until the daemon takes the
+        // socket out of SOCKS; tell it once. With the ring full (many directions over
+        // at once) the daemon finds the direction through its ledger instead.
+        dir.flags |= FLAG_OVER_BUDGET;
+        store(&ledger.handoff, handoff as u64);
+        let event = OverBudgetEvent {
+            cookie,
+            reason: handoff,
+            _pad: 0,
+            at_ns: unsafe { bpf_ktime_get_ns() },
+        };
+        if EVENTS.output::<OverBudgetEvent>(&event, 0).is_err() {
+            fetch_add(&memory.events_missed, 1);
+        }
+        info!(
+            &ctx,
+            "fastpath: socket {} over budget (reason {}, {} bytes queued machine-wide), handing the direction to the daemon",
+            cookie,
+            handoff,
+            machine
+        );
+    }
     let ret = TARGETS.redirect_skb(&ctx, &mut peer, 0);
     if ret == SK_PASS as i64 {
-        dir.redirected += len as u64;
+        dir.redirected += len;
     } else {
-        dir.dropped += len as u64;
+        dir.dropped += len;
+        fetch_add(&memory.queued, len.wrapping_neg());
+        store(&ledger.redirected, load(&ledger.redirected) - len);
     }
     ret as u32
+}
+
+/// Records that the first `delivered` bytes of a direction are in its peer's stream and
+/// takes what was not known yet off the machine-wide count. One compare-and-swap: if the
+/// daemon moved `delivered` meanwhile, it took those bytes off itself.
+#[inline(always)]
+fn settle(ledger: &Ledger, memory: &KernelMemory, delivered: u64) {
+    let known = load(&ledger.delivered);
+    if delivered > known && compare_exchange(&ledger.delivered, known, delivered) {
+        fetch_add(&memory.queued, (delivered - known).wrapping_neg());
+    }
+}
+
+/// Atomic load (the BPF backend selects no atomic load instruction; an aligned 64-bit
+/// load is one instruction anyway).
+#[inline(always)]
+fn load(a: &AtomicU64) -> u64 {
+    // SAFETY: `a` is a valid, aligned u64.
+    unsafe { core::ptr::read_volatile(a.as_ptr()) }
+}
+
+/// Atomic store, likewise.
+#[inline(always)]
+fn store(a: &AtomicU64, v: u64) {
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(a.as_ptr(), v) }
+}
+
+/// Atomic add (wrapping); returns the previous value.
+///
+/// Sequentially consistent on purpose: with `Relaxed`, LLVM 22's BPF backend emits the
+/// non-fetching `lock +=` and then uses the register as if it held the previous value.
+/// (Every BPF atomic is a full barrier anyway.)
+#[inline(always)]
+fn fetch_add(a: &AtomicU64, v: u64) -> u64 {
+    // SAFETY: `a` is a valid, aligned u64 for the whole call.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(a.as_ptr(), v) }
+}
+
+/// Atomic compare-and-swap; true when `a` held `old` and now holds `new`.
+#[inline(always)]
+fn compare_exchange(a: &AtomicU64, old: u64, new: u64) -> bool {
+    // SAFETY: as above.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            a.as_ptr(),
+            old,
+            new,
+        )
+        .1
+    }
 }
 
 /// The `u32` at byte `offset` of the `tcp_sock` of the tunnel socket stored under `cookie`.

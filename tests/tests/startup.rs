@@ -209,7 +209,7 @@ async fn auto_with_the_units_capabilities_splices_in_the_kernel() -> Result<()> 
         }
     };
     assert_eq!(closed["relay"], "ebpf", "{closed}");
-    assert_eq!(closed["end"], "Closed", "{closed}");
+    assert_eq!(closed["end"], "closed", "{closed}");
     assert_eq!(
         closed["in_kernel"],
         2 * total,

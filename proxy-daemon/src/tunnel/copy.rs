@@ -2,11 +2,11 @@
 //! The buffer exists only while a burst is being moved, so idle tunnels cost no buffer.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 
-use super::{socket, RelayEnd, TunnelCounters};
+use super::counters::{DataPath, DirectionCounters, TunnelCounters};
+use super::{socket, RelayEnd};
 
 const BUFFER: usize = 64 * 1024;
 
@@ -23,7 +23,12 @@ pub async fn relay(
     }
 }
 
-pub(super) async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+pub(super) async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &DirectionCounters,
+) -> io::Result<()> {
+    moved.use_path(DataPath::Copy);
     loop {
         from.readable().await?;
         let mut buf = vec![0u8; BUFFER];
@@ -32,7 +37,7 @@ pub(super) async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64)
                 Ok(0) => return socket::shutdown_write(to),
                 Ok(n) => {
                     socket::write_all(to, &buf[..n]).await?;
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    moved.copied(n as u64);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),

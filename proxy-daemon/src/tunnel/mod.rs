@@ -3,20 +3,24 @@
 //! then close/reset, one log line each at open and close); the relays move the bytes.
 
 pub mod copy;
+pub mod counters;
 pub mod ebpf;
 pub mod handover;
+pub mod registry;
 pub mod socket;
 pub mod splice;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+pub use counters::{DataPath, DirectionCounters, DirectionSnapshot, TunnelCounters};
+pub use registry::{Registry, TunnelSnapshot};
 
 /// The two sockets of an upgraded connection, taken back from hyper, with the bytes hyper
 /// had already read past the upgrade on each side.
@@ -31,25 +35,26 @@ pub struct Tunnel {
     pub upstream_leftover: Bytes,
 }
 
-/// Bytes delivered each way, updated as they move (read by the close log line).
-#[derive(Default)]
-pub struct TunnelCounters {
-    pub client_to_upstream: AtomicU64,
-    pub upstream_to_client: AtomicU64,
-    /// Of those, bytes the kernel moved socket to socket (the eBPF fast path).
-    pub in_kernel: AtomicU64,
-    /// Most bytes the kernel held queued for one socket at once (the eBPF fast path's
-    /// unaccounted memory; its budget bounds it).
-    pub kernel_queue_peak: AtomicU64,
-}
-
 /// How a relay ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RelayEnd {
     /// Both directions saw EOF and passed it on after their last byte.
     Closed,
-    /// One side failed (reset, timeout): the other is reset too.
+    /// One side failed (reset, timeout), or bytes were lost: the other is reset too.
     Reset(io::ErrorKind),
+    /// The shutdown grace period ended first: both sides are reset (never closed as if
+    /// the stream were complete).
+    Shutdown,
+}
+
+impl RelayEnd {
+    fn name(&self) -> &'static str {
+        match self {
+            RelayEnd::Closed => "closed",
+            RelayEnd::Reset(_) => "reset",
+            RelayEnd::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// Which mechanism moves tunnel bytes.
@@ -71,12 +76,18 @@ impl Relay {
             Relay::Ebpf(_) => "ebpf",
         }
     }
+
+    pub fn splicer(&self) -> Option<&Arc<ebpf::Splicer>> {
+        match self {
+            Relay::Ebpf(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 impl crate::admin::TunnelList for Tunnels {
     fn json(&self) -> String {
-        // Filled from the live-tunnel registry (fast-path hardening branch).
-        "[]".into()
+        serde_json::to_string(&self.registry.snapshot()).unwrap_or_else(|_| "[]".into())
     }
 }
 
@@ -84,6 +95,7 @@ impl crate::admin::TunnelList for Tunnels {
 #[derive(Clone)]
 pub struct Tunnels {
     relay: Relay,
+    registry: Arc<Registry>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -91,6 +103,7 @@ pub struct Tunnels {
 impl Tunnels {
     pub fn new(relay: Relay) -> Self {
         Tunnels {
+            registry: Arc::new(Registry::new(relay.splicer().cloned())),
             relay,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -101,18 +114,22 @@ impl Tunnels {
         self.relay.clone()
     }
 
+    /// The live tunnels and their counters.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
     /// Runs a tunnel; `hold` (its descriptors in the capacity budget) lives as long as it.
+    /// A panic inside is contained to it and logged with its request id.
     pub fn start(&self, tunnel: Tunnel, hold: impl Send + 'static) {
         let relay = self.relay.clone();
+        let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
         let label = format!("tunnel {}", tunnel.request_id);
         self.tracker
             .spawn(crate::panic::contained(label.as_bytes(), async move {
                 let _hold = hold;
-                tokio::select! {
-                    _ = run(tunnel, relay) => {}
-                    _ = shutdown.cancelled() => {}
-                }
+                run(tunnel, relay, &registry, &shutdown).await;
             }));
     }
 
@@ -169,7 +186,7 @@ impl Tunnels {
         self.tracker.wait().await;
     }
 
-    /// Closes every tunnel now.
+    /// Closes every tunnel now (each with a reset and its closing line).
     pub async fn close_all(&self) {
         self.shutdown.cancel();
         self.tracker.close();
@@ -177,7 +194,7 @@ impl Tunnels {
     }
 }
 
-async fn run(tunnel: Tunnel, relay: Relay) {
+async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &CancellationToken) {
     let Tunnel {
         request_id,
         port,
@@ -186,9 +203,10 @@ async fn run(tunnel: Tunnel, relay: Relay) {
         upstream,
         upstream_leftover,
     } = tunnel;
-    let started = Instant::now();
+    let live = registry.open(request_id, port);
     tracing::info!(
-        request_id = %request_id,
+        request_id = %live.request_id,
+        tunnel_id = live.id,
         port,
         relay = relay.name(),
         // Bytes hyper read past the upgrade: relayed by the daemon before anything else.
@@ -196,39 +214,71 @@ async fn run(tunnel: Tunnel, relay: Relay) {
         upstream_leftover = upstream_leftover.len(),
         "tunnel opened"
     );
-    let counters = Arc::new(TunnelCounters::default());
-
-    let end = match forward_leftovers(
-        &client,
-        &client_leftover,
-        &upstream,
-        &upstream_leftover,
-        &counters,
-    )
-    .await
-    {
-        Err(e) => RelayEnd::Reset(e.kind()),
-        Ok(()) => match &relay {
-            Relay::Copy => copy::relay(&client, &upstream, &counters).await,
-            Relay::Splice => splice::relay(&client, &upstream, &counters).await,
-            Relay::Ebpf(splicer) => ebpf::relay(splicer, &client, &upstream, &counters).await,
-        },
+    let counters = &live.counters;
+    let relayed = async {
+        let leftovers = (client_leftover, upstream_leftover);
+        if let Err(e) =
+            forward_leftovers(&client, &leftovers.0, &upstream, &leftovers.1, counters).await
+        {
+            return RelayEnd::Reset(e.kind());
+        }
+        // Written: an idle tunnel keeps no buffer.
+        drop(leftovers);
+        match &relay {
+            Relay::Copy => copy::relay(&client, &upstream, counters).await,
+            Relay::Splice => splice::relay(&client, &upstream, counters).await,
+            Relay::Ebpf(splicer) => ebpf::relay(splicer, &client, &upstream, counters).await,
+        }
     };
-    if let RelayEnd::Reset(_) = end {
+    // Dropping the relay on shutdown settles its kernel state and counts first.
+    let end = tokio::select! {
+        end = relayed => end,
+        _ = shutdown.cancelled() => RelayEnd::Shutdown,
+    };
+    if end != RelayEnd::Closed {
         // Propagate the failure: close both with RST rather than a clean FIN.
         socket::reset_on_close(&client);
         socket::reset_on_close(&upstream);
     }
+    let ended = registry.close(&live);
+    let (up, down) = (&ended.client_to_upstream, &ended.upstream_to_client);
+    let dropped = counters.kernel_dropped.load(Ordering::Relaxed)
+        + counters.client_to_upstream.lost()
+        + counters.upstream_to_client.lost();
+    let misparsed = counters.kernel_misparsed.load(Ordering::Relaxed);
+    if dropped != 0 || misparsed != 0 {
+        tracing::warn!(
+            request_id = %live.request_id,
+            tunnel_id = live.id,
+            kernel_dropped = dropped,
+            kernel_misparsed = misparsed,
+            "fast path: the kernel lost or misparsed tunnel bytes"
+        );
+    }
     tracing::info!(
-        request_id = %request_id,
+        request_id = %live.request_id,
+        tunnel_id = live.id,
         port,
         relay = relay.name(),
-        client_to_upstream = counters.client_to_upstream.load(Ordering::Relaxed),
-        upstream_to_client = counters.upstream_to_client.load(Ordering::Relaxed),
-        in_kernel = counters.in_kernel.load(Ordering::Relaxed),
+        client_to_upstream = up.bytes,
+        upstream_to_client = down.bytes,
+        client_to_upstream_path = up.path,
+        upstream_to_client_path = down.path,
+        client_to_upstream_kernel = up.kernel,
+        upstream_to_client_kernel = down.kernel,
+        client_to_upstream_handoff = up.handoff,
+        upstream_to_client_handoff = down.handoff,
+        // Both directions' kernel bytes (kept for older readers of this line).
+        in_kernel = up.kernel + down.kernel,
         kernel_queue_peak = counters.kernel_queue_peak.load(Ordering::Relaxed),
-        duration_ms = started.elapsed().as_secs_f64() * 1e3,
-        end = ?end,
+        kernel_dropped = dropped,
+        kernel_misparsed = misparsed,
+        duration_ms = live.started.elapsed().as_secs_f64() * 1e3,
+        end = end.name(),
+        error = match &end {
+            RelayEnd::Reset(kind) => Some(format!("{kind:?}")),
+            _ => None,
+        },
         "tunnel closed"
     );
 }
@@ -245,14 +295,14 @@ async fn forward_leftovers(
         socket::write_all(upstream, client_leftover).await?;
         counters
             .client_to_upstream
-            .fetch_add(client_leftover.len() as u64, Ordering::Relaxed);
+            .copied(client_leftover.len() as u64);
         Ok::<_, io::Error>(())
     };
     let to_client = async {
         socket::write_all(client, upstream_leftover).await?;
         counters
             .upstream_to_client
-            .fetch_add(upstream_leftover.len() as u64, Ordering::Relaxed);
+            .copied(upstream_leftover.len() as u64);
         Ok::<_, io::Error>(())
     };
     tokio::try_join!(to_upstream, to_client).map(|_| ())

@@ -3,12 +3,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{socket, RelayEnd, TunnelCounters};
+use super::counters::{DataPath, DirectionCounters, TunnelCounters};
+use super::{socket, RelayEnd};
 
 /// Bytes asked of one splice call (the pipe's default capacity is 64 KiB).
 const CHUNK: usize = 1 << 20;
@@ -71,14 +71,29 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-pub(super) async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+pub(super) async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &DirectionCounters,
+) -> io::Result<()> {
+    moved.use_path(DataPath::Splice);
     let mut pipe: Option<Pipe> = None;
     loop {
         from.readable().await?;
         // Created on first data: an idle tunnel holds no pipe.
         let pipe = match &pipe {
             Some(p) => p,
-            None => pipe.insert(Pipe::new()?),
+            None => match Pipe::new() {
+                Ok(p) => pipe.insert(p),
+                // Out of fds (EMFILE/ENFILE) or pipe memory: the bytes can still move
+                // through a buffer, and nothing is lost by switching before the first.
+                Err(e) => {
+                    tracing::warn!(error = %e, "splice(2) relay cannot get a pipe, copying instead");
+                    // Nothing was spliced (the pipe comes with the first bytes).
+                    moved.drop_path(DataPath::Splice);
+                    return super::copy::one_way(from, to, moved).await;
+                }
+            },
         };
         let filled = match from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
@@ -99,6 +114,6 @@ pub(super) async fn one_way(from: &TcpStream, to: &TcpStream, moved: &AtomicU64)
                 Err(e) => return Err(e),
             }
         }
-        moved.fetch_add(filled as u64, Ordering::Relaxed);
+        moved.spliced(filled as u64);
     }
 }

@@ -1,7 +1,7 @@
 //! Loads the embedded eBPF object once at start-up and owns its maps.
 
-use std::collections::HashMap as StdHashMap;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
@@ -9,40 +9,102 @@ use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    Direction, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP, SOCKS_MAP, TARGETS_MAP,
-    WRITE_SEQ_OFFSET_GLOBAL,
+    Direction, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP, LEDGER_MAP,
+    MEMORY_LIMIT_GLOBAL, MEMORY_MAP, SOCKS_MAP, TARGETS_MAP, WRITE_SEQ_OFFSET_GLOBAL,
 };
-use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::btf;
+use super::shared::{Accounting, MappedArray};
+use super::watch::{self as watcher, LiveDirections};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
 /// Default per-direction budget: bytes redirected but not yet in the peer's TCP stream.
 pub const DEFAULT_BUDGET: u32 = 2 << 20;
+/// Default machine-wide limit on bytes queued in the kernel over every direction.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 32 << 20;
+/// Default size of the over-budget event ring (about 2,700 events).
+pub const DEFAULT_EVENT_RING_BYTES: u32 = 64 * 1024;
+pub use proxy_common::MAX_SOCKETS as DEFAULT_MAX_SOCKETS;
 
 /// Whether this binary carries the eBPF object (built by `cargo xtask build-ebpf`).
 pub fn object_embedded() -> bool {
     !OBJECT.is_empty()
 }
 
+/// Load-time settings of the fast path.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Per-direction budget (`u32::MAX`: none).
+    pub budget: u32,
+    /// Machine-wide limit on bytes queued in the kernel (`0`: none).
+    pub memory_limit: u64,
+    /// Capacity of the socket and direction maps (two entries per tunnel); tunnels beyond
+    /// it use the userspace relay.
+    pub max_sockets: u32,
+    /// Size of the over-budget event ring buffer (a power of two, at least a page).
+    pub event_ring_bytes: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            budget: DEFAULT_BUDGET,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            event_ring_bytes: DEFAULT_EVENT_RING_BYTES,
+        }
+    }
+}
+
+/// Fast-path totals since start-up (for logs and metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Directions handed to the daemon for going over their own budget.
+    pub handoffs_direction_budget: AtomicU64,
+    /// Directions handed to the daemon because the machine-wide limit was reached.
+    pub handoffs_memory_limit: AtomicU64,
+    /// Of those, hand-offs found through the ledger because the event ring was full.
+    pub handoffs_found_by_scan: AtomicU64,
+    /// Longest time between the verdict asking for a hand-off and the daemon taking the
+    /// direction out of the kernel (the kernel keeps redirecting meanwhile).
+    pub handoff_latency_max_ns: AtomicU64,
+    /// Tunnels relayed in userspace because the maps were full.
+    pub maps_full: AtomicU64,
+    /// Bytes the kernel failed to redirect (lost; the tunnel was reset).
+    pub kernel_dropped: AtomicU64,
+    /// Messages the stream parser could not place (must stay 0).
+    pub kernel_misparsed: AtomicU64,
+    /// Directions whose kernel state was missing when the daemon looked (reset).
+    pub directions_lost: AtomicU64,
+}
+
 /// The loaded programs and their maps. The maps are not pinned: they (and every socket
 /// reference in them) go away with the process, so a crash never leaves a socket spliced.
 pub struct Splicer {
-    socks: Mutex<SockHash<MapData, u64>>,
+    socks: Arc<Mutex<SockHash<MapData, u64>>>,
     targets: Mutex<SockHash<MapData, u64>>,
     directions: Mutex<HashMap<MapData, u64, Direction>>,
-    /// Per spliced source socket: woken when its direction goes over budget.
-    over_budget: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
+    pub(super) accounting: Arc<Accounting>,
+    /// Directions the kernel splices now, watched by the hand-off thread.
+    pub(super) live: Arc<LiveDirections>,
     pub(super) budget: u32,
+    pub settings: Settings,
+    pub stats: Arc<Stats>,
+    /// Set once the thread that hands directions over has stopped: from then
+    /// on no direction could leave the kernel, so the daemon must exit.
+    failed: watch::Receiver<Option<String>>,
+    // Kept open so the maps are listed with the others under the daemon's fds.
+    _ledger_map: MapData,
+    _memory_map: MapData,
     _ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for Splicer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Splicer")
-            .field("budget", &self.budget)
+            .field("settings", &self.settings)
             .finish()
     }
 }
@@ -57,8 +119,8 @@ impl Splicer {
     }
 
     /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log and
-    /// event readers). `budget`: see `--ebpf-budget` (u32::MAX turns accounting off).
-    pub fn load(budget: u32) -> anyhow::Result<Splicer> {
+    /// the event reader).
+    pub fn load(settings: Settings) -> anyhow::Result<Splicer> {
         if !object_embedded() {
             bail!("the eBPF object was not embedded in this build (build it with `cargo xtask build-ebpf`, then rebuild)");
         }
@@ -66,33 +128,51 @@ impl Splicer {
             .context("finding tcp_sock.write_seq in the kernel's BTF")?;
         let copied_seq_offset = btf::member_offset("tcp_sock", "copied_seq")
             .context("finding tcp_sock.copied_seq in the kernel's BTF")?;
-        let mut ebpf = EbpfLoader::new()
+        let memory_limit = match settings.memory_limit {
+            0 => u64::MAX,
+            n => n,
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(WRITE_SEQ_OFFSET_GLOBAL, &write_seq_offset, true)
             .override_global(COPIED_SEQ_OFFSET_GLOBAL, &copied_seq_offset, true)
+            .override_global(MEMORY_LIMIT_GLOBAL, &memory_limit, true)
+            .map_max_entries(EVENTS_MAP, settings.event_ring_bytes);
+        for map in [SOCKS_MAP, TARGETS_MAP, DIRECTIONS_MAP, LEDGER_MAP] {
+            loader.map_max_entries(map, settings.max_sockets);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_logger(logger),
             Err(e) => tracing::warn!(error = %e, "eBPF logs unavailable"),
         }
-        let socks: SockHash<MapData, u64> = SockHash::try_from(
-            ebpf.take_map(SOCKS_MAP)
-                .with_context(|| format!("map {SOCKS_MAP} missing"))?,
+        let socks: SockHash<MapData, u64> = SockHash::try_from(take_map(&mut ebpf, SOCKS_MAP)?)?;
+        let targets: SockHash<MapData, u64> =
+            SockHash::try_from(take_map(&mut ebpf, TARGETS_MAP)?)?;
+        let directions: HashMap<MapData, u64, Direction> =
+            HashMap::try_from(take_map(&mut ebpf, DIRECTIONS_MAP)?)?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
+        let ledger = array_map(take_map(&mut ebpf, LEDGER_MAP)?)?;
+        let memory = array_map(take_map(&mut ebpf, MEMORY_MAP)?)?;
+        let accounting = Arc::new(Accounting::new(
+            MappedArray::new(ledger.fd(), settings.max_sockets)
+                .with_context(|| format!("mapping {LEDGER_MAP}"))?,
+            MappedArray::new(memory.fd(), 1).with_context(|| format!("mapping {MEMORY_MAP}"))?,
+        ));
+        let live = Arc::new(LiveDirections::default());
+        let stats = Arc::new(Stats::default());
+        let socks = Arc::new(Mutex::new(socks));
+        let failed = watcher::spawn(
+            events,
+            watcher::Shared {
+                live: live.clone(),
+                accounting: accounting.clone(),
+                stats: stats.clone(),
+                socks: socks.clone(),
+            },
         )?;
-        let targets: SockHash<MapData, u64> = SockHash::try_from(
-            ebpf.take_map(TARGETS_MAP)
-                .with_context(|| format!("map {TARGETS_MAP} missing"))?,
-        )?;
-        let directions: HashMap<MapData, u64, Direction> = HashMap::try_from(
-            ebpf.take_map(DIRECTIONS_MAP)
-                .with_context(|| format!("map {DIRECTIONS_MAP} missing"))?,
-        )?;
-        let events = RingBuf::try_from(
-            ebpf.take_map(EVENTS_MAP)
-                .with_context(|| format!("map {EVENTS_MAP} missing"))?,
-        )?;
-        let over_budget = Arc::new(Mutex::new(StdHashMap::new()));
-        spawn_event_reader(events, over_budget.clone())?;
         for name in ["parser", "verdict"] {
             let prog: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -100,17 +180,35 @@ impl Splicer {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
-            prog.attach(socks.fd())
+            prog.attach(socks.lock().unwrap().fd())
                 .with_context(|| format!("attaching program {name} to {SOCKS_MAP}"))?;
         }
         Ok(Splicer {
-            socks: Mutex::new(socks),
+            socks,
             targets: Mutex::new(targets),
             directions: Mutex::new(directions),
-            over_budget,
-            budget,
+            accounting,
+            live,
+            budget: settings.budget,
+            settings,
+            stats,
+            failed,
+            _ledger_map: ledger,
+            _memory_map: memory,
             _ebpf: ebpf,
         })
+    }
+
+    /// Resolves (with the reason) if the thread that hands directions over from the kernel
+    /// stops. Directions over budget would then stay in the kernel for good: the caller
+    /// must treat it as fatal.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failed.clone();
+        let reason = match rx.wait_for(|f| f.is_some()).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "the fast path's hand-off thread is gone".into(),
+        };
+        reason
     }
 
     /// Entries in the socket maps (`SOCKS` + `TARGETS`).
@@ -123,13 +221,43 @@ impl Splicer {
         self.directions.lock().unwrap().keys().count()
     }
 
-    pub(super) fn direction(&self, cookie: u64) -> Option<Direction> {
+    /// Directions the kernel splices now.
+    pub fn directions_in_kernel(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Bytes queued in the kernel now over every direction, and the most seen at once.
+    pub fn kernel_queued(&self) -> (u64, u64) {
+        (self.accounting.queued(), self.accounting.peak())
+    }
+
+    /// Over-budget events lost to a full ring buffer (their directions were found anyway).
+    pub fn events_missed(&self) -> u64 {
+        self.accounting.events_missed()
+    }
+
+    /// The verdict's state for the direction whose bytes arrive on `cookie`.
+    pub fn direction(&self, cookie: u64) -> Option<Direction> {
         self.directions.lock().unwrap().get(&cookie, 0).ok()
     }
 
-    pub(super) fn insert_direction(&self, cookie: u64, dir: Direction) -> anyhow::Result<()> {
-        self.directions.lock().unwrap().insert(cookie, dir, 0)?;
-        Ok(())
+    /// Writes a direction with a fresh ledger slot. Fails when the maps are full.
+    pub(super) fn add_direction(&self, cookie: u64, peer: u64) -> anyhow::Result<u32> {
+        let slot = self
+            .accounting
+            .take_slot()
+            .context("every direction slot is in use")?;
+        let dir = Direction {
+            peer,
+            budget: self.budget,
+            slot,
+            ..Default::default()
+        };
+        if let Err(e) = self.directions.lock().unwrap().insert(cookie, dir, 0) {
+            self.accounting.free_slot(slot);
+            return Err(e.into());
+        }
+        Ok(slot)
     }
 
     /// Puts a tunnel socket in `TARGETS` (gives it a psock the verdict can redirect to).
@@ -148,23 +276,31 @@ impl Splicer {
         let _ = self.socks.lock().unwrap().remove(&cookie);
     }
 
-    /// A notifier woken (with a stored permit) when `cookie`'s direction goes over budget.
-    pub(super) fn watch_budget(&self, cookie: u64) -> Arc<Notify> {
-        self.over_budget
-            .lock()
-            .unwrap()
-            .entry(cookie)
-            .or_default()
-            .clone()
-    }
-
-    /// Forgets everything about a tunnel socket. Call only when nothing is queued in its
-    /// psock any more: leaving `TARGETS` drops the psock and its queues.
-    pub(super) fn remove(&self, cookie: u64) {
+    /// Forgets a direction: its map entries and its ledger slot. Call only when nothing is
+    /// queued in the socket's psock any more (leaving `TARGETS` drops the psock and its
+    /// queues) and the direction was settled.
+    pub(super) fn remove(&self, cookie: u64, slot: Option<u32>) {
         let _ = self.socks.lock().unwrap().remove(&cookie);
         let _ = self.targets.lock().unwrap().remove(&cookie);
         let _ = self.directions.lock().unwrap().remove(&cookie);
-        self.over_budget.lock().unwrap().remove(&cookie);
+        if let Some(slot) = slot {
+            // No verdict can reach the slot any more: its direction is gone.
+            self.accounting.free_slot(slot);
+        }
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing"))
+}
+
+/// The map behind an `Array` (the mapped arrays hold atomics, which aya's typed
+/// `Array` cannot: they are not `Pod`).
+fn array_map(map: aya::maps::Map) -> anyhow::Result<MapData> {
+    match map {
+        aya::maps::Map::Array(data) => Ok(data),
+        _ => bail!("expected an array map"),
     }
 }
 
@@ -182,38 +318,8 @@ fn insert(
         })
 }
 
-/// Reads over-budget events and wakes the tunnel watching that socket.
-fn spawn_event_reader(
-    events: RingBuf<MapData>,
-    over_budget: Arc<Mutex<StdHashMap<u64, Arc<Notify>>>>,
-) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd and keeps it open until it is dropped
-    // together with the AsyncFd.
-    let mut fd = unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
-        .context("watching the eBPF event ring buffer")?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) else {
-                    continue;
-                };
-                let cookie = u64::from_ne_bytes(bytes);
-                let notify = over_budget.lock().unwrap().get(&cookie).cloned();
-                if let Some(n) = notify {
-                    n.notify_one();
-                }
-            }
-            guard.clear_ready();
-        }
-    });
-    Ok(())
-}
-
 fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    use tokio::io::unix::AsyncFd;
     // SAFETY: the logger owns its ring buffer fd and keeps it open until it is dropped
     // together with the AsyncFd.
     let Ok(mut fd) =

@@ -2,46 +2,134 @@
 //! other side's bytes can be redirected to) and into `SOCKS`, whose stream verdict
 //! redirects its incoming bytes to the other socket's egress (see `proxy-ebpf`). The
 //! daemon only watches for the end of each direction (FIN, reset) and for the verdict's
-//! over-budget event, after which it takes the socket out of `SOCKS` and relays that
+//! over-budget hand-off, after which it takes the socket out of `SOCKS` and relays that
 //! direction itself; redirected bytes never wake it.
 
 mod btf;
 mod loader;
+mod shared;
 mod sys;
+mod watch;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_common::Direction;
+use proxy_common::HANDOFF_DIRECTION_BUDGET;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
-pub use loader::{object_embedded, Splicer, DEFAULT_BUDGET};
+pub use loader::{
+    object_embedded, Settings, Splicer, Stats, DEFAULT_BUDGET, DEFAULT_EVENT_RING_BYTES,
+    DEFAULT_MAX_SOCKETS, DEFAULT_MEMORY_LIMIT,
+};
 
-use super::{socket, RelayEnd, TunnelCounters};
+use super::counters::{DirectionCounters, TunnelCounters};
+use super::{socket, RelayEnd};
 
 const TCP_CLOSE: u8 = 7;
 const MAX_POLL: Duration = Duration::from_millis(20);
 
-/// Removes the tunnel's map entries however the relay ends (also when its future is
-/// dropped at shutdown). By then nothing is queued in either psock on a clean end.
-struct Entries<'a> {
-    splicer: &'a Splicer,
-    cookies: Vec<u64>,
+/// One direction of a tunnel whose state is in the kernel's maps.
+struct Way<'a> {
+    from_cookie: u64,
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    /// `to`'s send-stream position before anything was redirected into it.
+    to_base: u64,
+    /// `from`'s receive position (bytes consumed) before the kernel took it over.
+    from_base: u64,
+    /// Its entry in the shared ledger (machine-wide memory accounting).
+    slot: u32,
+    counters: &'a DirectionCounters,
+    /// The kernel splices it now (its source is in `SOCKS` and it was not settled).
+    in_kernel: AtomicBool,
+    /// Woken when the verdict asks the daemon to take the direction over.
+    handoff: Arc<Notify>,
 }
 
-impl Drop for Entries<'_> {
-    fn drop(&mut self) {
-        // Both sources leave SOCKS before either socket leaves TARGETS: a verdict must
-        // never redirect to a socket that is gone.
-        for &c in &self.cookies {
-            self.splicer.unsplice_source(c);
-        }
-        for &c in &self.cookies {
-            self.splicer.remove(c);
+impl Way<'_> {
+    /// Bytes of this direction in `to`'s stream (what the kernel delivered), at most
+    /// what the verdict redirected.
+    fn delivered_now(&self, splicer: &Splicer) -> u64 {
+        let redirected = splicer.accounting.redirected(self.slot);
+        sys::stream_position(self.to)
+            .map(|p| p.saturating_sub(self.to_base).min(redirected))
+            .unwrap_or(0)
+    }
+
+    /// The direction is out of the kernel after `delivered` bytes: it no longer counts
+    /// against the machine-wide budget, and its byte count is final. Once only.
+    fn leave_kernel(&self, splicer: &Splicer, delivered: u64) {
+        if self.in_kernel.swap(false, Relaxed) {
+            splicer.live.forget(self.from_cookie);
+            splicer.accounting.settle_all(self.slot);
+            self.counters.leave_kernel(delivered);
         }
     }
+}
+
+/// A tunnel's kernel state. Dropping it (however the relay ends: EOF, reset, hand-off,
+/// shutdown) settles every direction still in the kernel, collects the verdict's
+/// counters, and removes the map entries.
+struct Spliced<'a> {
+    splicer: &'a Splicer,
+    counters: &'a TunnelCounters,
+    ways: Vec<Way<'a>>,
+    /// Sockets in `TARGETS`.
+    targets: Vec<u64>,
+}
+
+impl Drop for Spliced<'_> {
+    fn drop(&mut self) {
+        let splicer = self.splicer;
+        // Both sources leave SOCKS before anything else: no verdict runs after this
+        // (a pass in flight holds the socket lock, which the stream-position read of
+        // the source takes too).
+        for w in &self.ways {
+            splicer.unsplice_source(w.from_cookie);
+        }
+        for w in &self.ways {
+            if w.in_kernel.load(Relaxed) {
+                let _ = sys::stream_position(w.from);
+                w.leave_kernel(splicer, w.delivered_now(splicer));
+            }
+        }
+        for w in &self.ways {
+            match splicer.direction(w.from_cookie) {
+                Some(dir) => {
+                    let c = self.counters;
+                    c.kernel_queue_peak.fetch_max(dir.max_outstanding, Relaxed);
+                    c.kernel_dropped.fetch_add(dir.dropped, Relaxed);
+                    c.kernel_misparsed.fetch_add(dir.misparsed as u64, Relaxed);
+                    splicer.stats.kernel_dropped.fetch_add(dir.dropped, Relaxed);
+                    splicer
+                        .stats
+                        .kernel_misparsed
+                        .fetch_add(dir.misparsed as u64, Relaxed);
+                }
+                None => {
+                    splicer.stats.directions_lost.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        // Sockets leave TARGETS only now: a verdict must never redirect to a socket
+        // that is gone.
+        for w in &self.ways {
+            splicer.remove(w.from_cookie, Some(w.slot));
+        }
+        for &c in &self.targets {
+            splicer.remove(c, None);
+        }
+    }
+}
+
+/// Whether a map insert failed because the map is full.
+fn is_full(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::E2BIG) || e.raw_os_error() == Some(libc::ENOMEM)
 }
 
 pub async fn relay(
@@ -60,80 +148,103 @@ pub async fn relay(
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => return RelayEnd::Reset(e.kind()),
         };
-    let mut entries = Entries {
+    let mut spliced = Spliced {
         splicer,
-        cookies: Vec::with_capacity(2),
+        counters,
+        ways: Vec::with_capacity(2),
+        targets: Vec::with_capacity(2),
     };
     // Directions first (the verdict finds its peer as soon as a socket is in SOCKS),
-    // then both sockets as redirect targets. A socket that already received a FIN is
-    // refused (EOPNOTSUPP): then the whole tunnel is relayed here.
-    for (from, to) in [(c, u), (u, c)] {
-        let dir = Direction {
-            peer: to,
-            budget: splicer.budget,
-            ..Default::default()
+    // then both sockets as redirect targets. Full maps, or a socket that already
+    // received a FIN (EOPNOTSUPP), leave the whole tunnel to the userspace relay.
+    let up_way = (
+        c,
+        client,
+        u,
+        upstream,
+        upstream_base,
+        &counters.client_to_upstream,
+    );
+    let down_way = (
+        u,
+        upstream,
+        c,
+        client,
+        client_base,
+        &counters.upstream_to_client,
+    );
+    for (from_cookie, from, to_cookie, to, to_base, dir_counters) in [up_way, down_way] {
+        let from_base = match sys::consumed_position(from) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(spliced);
+                return RelayEnd::Reset(e.kind());
+            }
         };
-        entries.cookies.push(from);
-        if let Err(e) = splicer.insert_direction(from, dir) {
-            tracing::debug!(error = %e, "fast path: direction map insert failed, relaying in userspace");
-            drop(entries);
-            return super::copy::relay(client, upstream, counters).await;
+        match splicer.add_direction(from_cookie, to_cookie) {
+            Ok(slot) => spliced.ways.push(Way {
+                from_cookie,
+                from,
+                to,
+                to_base,
+                from_base,
+                slot,
+                counters: dir_counters,
+                in_kernel: AtomicBool::new(false),
+                handoff: Arc::new(Notify::new()),
+            }),
+            Err(e) => {
+                splicer.stats.maps_full.fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "fast path: maps full, relaying in userspace");
+                drop(spliced);
+                return super::copy::relay(client, upstream, counters).await;
+            }
         }
     }
     for (cookie, s) in [(u, upstream), (c, client)] {
         if let Err(e) = splicer.insert_target(cookie, s) {
+            if is_full(&e) {
+                splicer.stats.maps_full.fetch_add(1, Relaxed);
+            }
             tracing::debug!(error = %e, "fast path: socket not spliceable, relaying in userspace");
-            drop(entries);
+            drop(spliced);
             return super::copy::relay(client, upstream, counters).await;
         }
+        spliced.targets.push(cookie);
     }
-    // Then each socket as a source. One that is refused (its FIN arrived meanwhile)
-    // leaves just its direction to the daemon.
-    let up_budget = splicer.watch_budget(c);
-    let down_budget = splicer.watch_budget(u);
-    let mut spliced = [false; 2];
-    for (i, (cookie, s)) in [(u, upstream), (c, client)].into_iter().enumerate() {
-        match splicer.splice_source(cookie, s) {
-            Ok(()) => spliced[i] = true,
-            Err(e) => tracing::debug!(error = %e, "fast path: one direction relayed in userspace"),
+    // Then each socket as a source, upstream first. One that is refused (its FIN
+    // arrived meanwhile) leaves just its direction to the daemon.
+    for w in spliced.ways.iter_mut().rev() {
+        w.handoff = splicer.live.watch(
+            w.from_cookie,
+            w.slot,
+            w.from.as_raw_fd(),
+            w.to.as_raw_fd(),
+            w.to_base,
+        );
+        w.in_kernel.store(true, Relaxed);
+        w.counters.enter_kernel(w.from_cookie);
+        if let Err(e) = splicer.splice_source(w.from_cookie, w.from) {
+            tracing::debug!(error = %e, "fast path: one direction relayed in userspace");
+            w.in_kernel.store(false, Relaxed);
+            splicer.live.forget(w.from_cookie);
+            w.counters.leave_kernel(0);
+            w.counters.drop_path(super::DataPath::Kernel);
         }
     }
-    let [down_spliced, up_spliced] = spliced;
-    // Bytes queued before insertion wait for new data unless poked.
-    for (s, on) in [(client, up_spliced), (upstream, down_spliced)] {
-        if on {
-            if let Err(e) = sys::kick_queued(s) {
+    // Bytes queued before insertion wait for new data unless poked. The poke takes the
+    // socket's owner lock, which moves that parser pass to a workqueue (see `sys::rdhup`):
+    // only when there is something to parse.
+    for w in &spliced.ways {
+        let arrived = sys::bytes_received(w.from).is_ok_and(|n| n > w.from_base);
+        if w.in_kernel.load(Relaxed) && arrived {
+            if let Err(e) = sys::kick_queued(w.from) {
                 return RelayEnd::Reset(e.kind());
             }
         }
     }
-    let up = direction(
-        splicer,
-        Way {
-            from_cookie: c,
-            from: client,
-            to: upstream,
-            to_base: upstream_base,
-            spliced: up_spliced,
-            over_budget: &up_budget,
-        },
-        &counters.client_to_upstream,
-        counters,
-    );
-    let down = direction(
-        splicer,
-        Way {
-            from_cookie: u,
-            from: upstream,
-            to: client,
-            to_base: client_base,
-            spliced: down_spliced,
-            over_budget: &down_budget,
-        },
-        &counters.upstream_to_client,
-        counters,
-    );
-    let both = async { tokio::try_join!(up, down) };
+    let (up, down) = (&spliced.ways[0], &spliced.ways[1]);
+    let both = async { tokio::try_join!(direction(splicer, up), direction(splicer, down)) };
     let end = tokio::select! {
         r = both => match r {
             Ok(_) => RelayEnd::Closed,
@@ -142,20 +253,8 @@ pub async fn relay(
         e = watch_error(client) => RelayEnd::Reset(e.kind()),
         e = watch_error(upstream) => RelayEnd::Reset(e.kind()),
     };
-    drop(entries);
+    drop(spliced);
     end
-}
-
-/// One direction of a tunnel.
-struct Way<'a> {
-    from_cookie: u64,
-    from: &'a TcpStream,
-    to: &'a TcpStream,
-    /// `to`'s send-stream position before anything was redirected into it.
-    to_base: u64,
-    /// Whether `from` is in SOCKS (its bytes are redirected by the kernel).
-    spliced: bool,
-    over_budget: &'a tokio::sync::Notify,
 }
 
 /// Clears tokio's read readiness so the next `readable()` waits for a new kernel event.
@@ -186,85 +285,124 @@ async fn watch_error(s: &TcpStream) -> io::Error {
     }
 }
 
+/// The verdict's state of a direction the daemon is about to finish: its bytes must all
+/// have been redirected. A lookup that fails (the state is gone) or bytes the kernel
+/// dropped mean the stream is not whole: the tunnel is reset, never closed cleanly.
+fn final_state(splicer: &Splicer, way: &Way<'_>) -> io::Result<proxy_common::Direction> {
+    let dir = verdict_state(splicer, way)?;
+    // Every byte the kernel took from the source must have been redirected: a message
+    // the parser handed on after the socket left the map is dropped by the kernel.
+    let consumed = sys::consumed_position(way.from)?.saturating_sub(way.from_base);
+    if consumed != dir.redirected {
+        let lost = consumed.saturating_sub(dir.redirected + dir.dropped);
+        way.counters.kernel_lost(lost);
+        splicer.stats.kernel_dropped.fetch_add(lost, Relaxed);
+        tracing::warn!(
+            consumed,
+            redirected = dir.redirected,
+            "fast path: the kernel consumed tunnel bytes it did not redirect, resetting the tunnel"
+        );
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!(
+                "the kernel consumed {consumed} bytes but redirected {}",
+                dir.redirected
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
+fn verdict_state(splicer: &Splicer, way: &Way<'_>) -> io::Result<proxy_common::Direction> {
+    let Some(dir) = splicer.direction(way.from_cookie) else {
+        tracing::warn!(
+            cookie = way.from_cookie,
+            "fast path: direction state missing from the kernel map, resetting the tunnel"
+        );
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "fast-path direction state lost",
+        ));
+    };
+    if dir.dropped != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("the kernel dropped {} bytes of this direction", dir.dropped),
+        ));
+    }
+    Ok(dir)
+}
+
 /// One direction: while spliced, sleeps until the source's EOF (then finishes it once
-/// every redirected byte is in `to`'s stream) or until the verdict reports it over
-/// budget (then takes it out of the kernel and relays it here).
-async fn direction(
-    splicer: &Splicer,
-    way: Way<'_>,
-    moved: &AtomicU64,
-    counters: &TunnelCounters,
-) -> io::Result<()> {
-    let Way {
-        from_cookie,
-        from,
-        to,
-        to_base,
-        spliced,
-        over_budget,
-    } = way;
+/// every redirected byte is in `to`'s stream) or until the verdict asks for a hand-off
+/// (then takes it out of the kernel and relays it here).
+async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
+    let (from, to, moved) = (way.from, way.to, way.counters);
+    let spliced = way.in_kernel.load(Relaxed);
+    let mut handoff = 0;
     if spliced {
         tokio::select! {
             r = wait_eof(from) => {
                 r?;
-                let dir = splicer.direction(from_cookie).unwrap_or_default();
-                wait_delivered(to, to_base, dir.redirected).await?;
-                moved.fetch_add(dir.redirected, Ordering::Relaxed);
-                count_kernel_bytes(counters, &dir);
+                let dir = final_state(splicer, way)?;
+                wait_delivered(to, way.to_base, dir.redirected).await?;
+                way.leave_kernel(splicer, dir.redirected);
                 return socket::shutdown_write(to);
             }
-            _ = over_budget.notified() => {}
+            _ = way.handoff.notified() => {}
         }
-        splicer.unsplice_source(from_cookie);
+        splicer.unsplice_source(way.from_cookie);
         // A strparser pass still running on another CPU holds the socket lock; this
         // takes it too, so the verdict's count below is final.
         sys::stream_position(from)?;
-        let dir = splicer.direction(from_cookie).unwrap_or_default();
+        let dir = final_state(splicer, way)?;
+        handoff = splicer.accounting.handoff(way.slot);
+        moved.handed_off(handoff);
         tracing::debug!(
             redirected = dir.redirected,
             budget = dir.budget,
             max_outstanding = dir.max_outstanding,
-            "fast path: direction over budget, relaying it in userspace"
+            reason = handoff,
+            "fast path: direction handed over, relaying it in userspace"
         );
-        wait_delivered(to, to_base, dir.redirected).await?;
-        moved.fetch_add(dir.redirected, Ordering::Relaxed);
-        count_kernel_bytes(counters, &dir);
+        wait_delivered(to, way.to_base, dir.redirected).await?;
+        way.leave_kernel(splicer, dir.redirected);
     }
     if drain_queued(from, to, moved).await? {
         return Ok(());
     }
-    if spliced {
-        // Handed over for being over budget: a bulk direction, where splice(2) is the
-        // fastest relay measured here (docs/fastpath.md); its pipe exists only for it.
+    if handoff == HANDOFF_DIRECTION_BUDGET {
+        // Over its own budget: a bulk direction, where splice(2) is the fastest relay
+        // measured here (docs/fastpath.md); its pipe exists only for it.
         super::splice::one_way(from, to, moved).await
     } else {
+        // Never spliced, or handed over because the machine-wide limit was reached:
+        // under memory pressure the copy relay holds least (no pipe buffer).
         super::copy::one_way(from, to, moved).await
     }
 }
 
-fn count_kernel_bytes(counters: &TunnelCounters, dir: &Direction) {
-    counters
-        .in_kernel
-        .fetch_add(dir.redirected, Ordering::Relaxed);
-    counters
-        .kernel_queue_peak
-        .fetch_max(dir.max_outstanding, Ordering::Relaxed);
-}
-
 /// Resolves at the spliced socket's EOF with nothing unparsed in front of it.
+///
+/// Watches without taking the socket's owner lock (see `sys::rdhup`): only once the FIN
+/// is in, when no more data can come, does it `recv` to tell a FIN from a reset.
 async fn wait_eof(from: &TcpStream) -> io::Result<()> {
     loop {
-        match sys::peek(from) {
-            Ok(0) => return Ok(()),
-            // The verdict never passes bytes to the socket itself, so there is nothing
-            // to read; the parser just has not reached the FIN yet.
-            Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                from.readable().await?;
-                clear_readable(from);
+        if sys::rdhup(from)? {
+            match sys::peek(from) {
+                Ok(0) => return Ok(()),
+                // The verdict never passes bytes to the socket itself, so they are the
+                // parser's still: it has not reached the FIN yet.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        } else {
+            from.readable().await?;
+            clear_readable(from);
         }
     }
 }
@@ -275,7 +413,11 @@ async fn wait_eof(from: &TcpStream) -> io::Result<()> {
 /// the budget flip the passed bytes may already be queued with no readiness left. The
 /// sender, its window closed by those very bytes, sends nothing more to raise a new
 /// edge; waiting for readiness here would wait for ever.
-async fn drain_queued(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io::Result<bool> {
+async fn drain_queued(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &DirectionCounters,
+) -> io::Result<bool> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match sys::recv(from, &mut buf) {
@@ -285,7 +427,8 @@ async fn drain_queued(from: &TcpStream, to: &TcpStream, moved: &AtomicU64) -> io
             }
             Ok(n) => {
                 socket::write_all(to, &buf[..n]).await?;
-                moved.fetch_add(n as u64, Ordering::Relaxed);
+                moved.use_path(super::DataPath::Copy);
+                moved.copied(n as u64);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

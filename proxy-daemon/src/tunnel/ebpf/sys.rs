@@ -143,3 +143,70 @@ pub fn recv(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
         Ok(n as usize)
     }
 }
+
+/// Whether the peer's FIN (or a reset) has arrived: `poll(POLLRDHUP)`, which takes no
+/// socket lock.
+///
+/// The daemon must not take the owner lock of a socket the kernel splices (`recv`, most
+/// `setsockopt`s) while data may arrive: the stream parser then runs from a workqueue,
+/// which taking the socket out of the map does not wait for, and a message of that pass
+/// is dropped when the socket leaves the map (docs/fastpath.md).
+pub fn rdhup(fd: &impl AsRawFd) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, no wait.
+    check(unsafe { libc::poll(&mut pfd, 1, 0) })?;
+    Ok(pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// Bytes received in order so far (`tcpi_bytes_received`; the FIN counts as one). No
+/// owner lock.
+pub fn bytes_received(fd: &impl AsRawFd) -> io::Result<u64> {
+    Ok(tcp_info(fd.as_raw_fd())?.tcpi_bytes_received)
+}
+
+/// Bytes waiting in the TCP receive queue, counted by a `recv(MSG_PEEK | MSG_TRUNC)`
+/// (`SIOCINQ` reports only the sockmap's own queue for a socket in a sockmap on this
+/// kernel). Takes the owner lock: only for a socket the kernel does not splice.
+fn unread(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: MSG_TRUNC with MSG_PEEK copies nothing; the kernel only counts.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::null_mut(),
+            1 << 30,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(0),
+            _ => Err(e),
+        };
+    }
+    Ok(n as u64)
+}
+
+/// Bytes taken out of the socket's receive stream so far (by reads, or by the kernel's
+/// stream parser): received minus still queued, minus the FIN's sequence number once the
+/// FIN arrived. Compared with what the verdict redirected, it shows bytes the kernel
+/// consumed without redirecting them. Takes the owner lock (see [`rdhup`]): only for a
+/// socket the kernel does not splice (before it enters the map, after it left it, or
+/// after its FIN).
+pub fn consumed_position(fd: &impl AsRawFd) -> io::Result<u64> {
+    let raw = fd.as_raw_fd();
+    for _ in 0..1000 {
+        let a = tcp_info(raw)?;
+        let fin = rdhup(&raw)?;
+        let q = unread(raw)?;
+        let b = tcp_info(raw)?;
+        if a.tcpi_bytes_received == b.tcpi_bytes_received && fin == rdhup(&raw)? {
+            return Ok(b.tcpi_bytes_received.saturating_sub(q + fin as u64));
+        }
+    }
+    Err(io::Error::other("TCP receive position kept moving"))
+}

@@ -1,0 +1,173 @@
+//! The fast path's memory accounting, shared with the verdict: `LEDGER` (one [`Ledger`]
+//! per direction slot) and `MEMORY` (the machine-wide [`KernelMemory`]) are
+//! `BPF_F_MMAPABLE` arrays mapped into the daemon, so both sides update them with plain
+//! atomics (the daemon must take bytes off the count for directions the verdict no longer
+//! sees: quiet ones, and those that left the kernel).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
+
+use proxy_common::{KernelMemory, Ledger};
+
+/// An `mmap` of a `BPF_F_MMAPABLE` array map, viewed as `[T]`.
+pub struct MappedArray<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is only ever accessed through `T`'s atomics.
+unsafe impl<T: Sync> Send for MappedArray<T> {}
+unsafe impl<T: Sync> Sync for MappedArray<T> {}
+
+impl<T> MappedArray<T> {
+    /// Maps the `len` entries of the array map `fd`. The kernel lays entries out every
+    /// `round_up(size_of::<T>(), 8)` bytes; `T` must be a multiple of 8 bytes.
+    pub fn new(fd: impl AsFd, len: u32) -> io::Result<Self> {
+        assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() <= 8);
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let bytes = (len as usize * size_of::<T>()).div_ceil(page) * page;
+        // SAFETY: a shared read-write mapping of the map's value area, which the kernel
+        // keeps alive as long as the mapping exists (even after the map fd is closed).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MappedArray {
+            ptr: NonNull::new(ptr.cast()).expect("mmap returned null"),
+            len: len as usize,
+            bytes,
+        })
+    }
+
+    pub fn get(&self, index: u32) -> Option<&T> {
+        // SAFETY: within the mapping, which lives as long as `self`; `T` is atomics only.
+        ((index as usize) < self.len).then(|| unsafe { &*self.ptr.as_ptr().add(index as usize) })
+    }
+}
+
+impl<T> Drop for MappedArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// The fast path's kernel-memory accounting as the daemon sees it.
+pub struct Accounting {
+    ledger: MappedArray<Ledger>,
+    memory: MappedArray<KernelMemory>,
+    /// Ledger slots not in use by a direction.
+    free: Mutex<Vec<u32>>,
+}
+
+impl Accounting {
+    pub fn new(ledger: MappedArray<Ledger>, memory: MappedArray<KernelMemory>) -> Self {
+        let free = (0..ledger.len as u32).rev().collect();
+        Accounting {
+            ledger,
+            memory,
+            free: Mutex::new(free),
+        }
+    }
+
+    fn memory(&self) -> &KernelMemory {
+        self.memory.get(0).expect("MEMORY has one entry")
+    }
+
+    /// A zeroed ledger slot for a new direction; `None` when every slot is taken (the
+    /// maps are full: the tunnel uses the userspace relay).
+    pub fn take_slot(&self) -> Option<u32> {
+        let slot = self.free.lock().unwrap().pop()?;
+        let l = self.ledger.get(slot).expect("slot in range");
+        l.redirected.store(0, Relaxed);
+        l.delivered.store(0, Relaxed);
+        l.handoff.store(0, Relaxed);
+        Some(slot)
+    }
+
+    /// Gives a slot back. Only once no verdict can reach it (its direction is out of the
+    /// map) and it was [`settle_all`](Self::settle_all)ed.
+    pub fn free_slot(&self, slot: u32) {
+        self.free.lock().unwrap().push(slot);
+    }
+
+    /// Bytes the verdict counted as redirected in `slot`.
+    pub fn redirected(&self, slot: u32) -> u64 {
+        self.ledger
+            .get(slot)
+            .map_or(0, |l| l.redirected.load(Relaxed))
+    }
+
+    /// Bytes of `slot` still counted as queued in the kernel.
+    pub fn outstanding(&self, slot: u32) -> u64 {
+        self.ledger.get(slot).map_or(0, |l| {
+            l.redirected
+                .load(Relaxed)
+                .saturating_sub(l.delivered.load(Relaxed))
+        })
+    }
+
+    /// `HANDOFF_*` the verdict set for `slot` (0: none).
+    pub fn handoff(&self, slot: u32) -> u32 {
+        self.ledger
+            .get(slot)
+            .map_or(0, |l| l.handoff.load(Relaxed) as u32)
+    }
+
+    /// Records that the first `delivered` bytes of `slot` are in its peer's stream (the
+    /// same compare-and-swap as the verdict's, retried until it holds).
+    pub fn settle(&self, slot: u32, delivered: u64) {
+        let Some(l) = self.ledger.get(slot) else {
+            return;
+        };
+        let mut known = l.delivered.load(Relaxed);
+        while delivered > known {
+            match l
+                .delivered
+                .compare_exchange(known, delivered, Relaxed, Relaxed)
+            {
+                Ok(_) => {
+                    self.memory().queued.fetch_sub(delivered - known, Relaxed);
+                    return;
+                }
+                Err(now) => known = now,
+            }
+        }
+    }
+
+    /// Takes every byte of `slot` off the machine-wide count: its direction left the
+    /// kernel (its bytes were delivered, or purged with the tunnel). Only once the
+    /// verdict no longer runs for it.
+    pub fn settle_all(&self, slot: u32) {
+        self.settle(slot, self.redirected(slot));
+    }
+
+    /// Bytes queued in the kernel now, over every direction.
+    pub fn queued(&self) -> u64 {
+        (self.memory().queued.load(Relaxed) as i64).max(0) as u64
+    }
+
+    /// Highest `queued` the verdict has seen.
+    pub fn peak(&self) -> u64 {
+        (self.memory().peak.load(Relaxed) as i64).max(0) as u64
+    }
+
+    /// Over-budget events the ring buffer had no room for, since load.
+    pub fn events_missed(&self) -> u64 {
+        self.memory().events_missed.load(Relaxed)
+    }
+}

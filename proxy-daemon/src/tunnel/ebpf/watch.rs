@@ -1,0 +1,290 @@
+//! The fast path's one background thread: reads the verdict's over-budget events and wakes
+//! the tunnel that must take that direction over; finds the directions whose event was
+//! lost to a full ring (their ledger says so); and, twice a second, takes off the
+//! machine-wide count the bytes that quiet directions have delivered since their last
+//! message (the verdict only sees delivery when a new message comes). If this thread ends,
+//! no direction could leave the kernel again: [`spawn`]'s receiver reports it, and the
+//! daemon exits.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aya::maps::{MapData, RingBuf, SockHash};
+use proxy_common::{OverBudgetEvent, HANDOFF_DIRECTION_BUDGET};
+use tokio::sync::{watch, Notify};
+
+use super::loader::Stats;
+use super::shared::Accounting;
+use super::sys;
+
+/// How often quiet directions are settled and the ledger is checked for lost events.
+const SETTLE_EVERY: Duration = Duration::from_millis(500);
+
+/// Test-only fault (env `PROJECT_INGRESS_PROXY_TEST_FAULT=event-reader-panic`): the thread
+/// panics at the first event, to prove the daemon does not run on without it.
+const FAULT_ENV: &str = "PROJECT_INGRESS_PROXY_TEST_FAULT";
+
+/// A direction the kernel splices now.
+struct Watched {
+    slot: u32,
+    /// The source socket's fd. Both fds stay open while the entry exists: the tunnel
+    /// removes the entry (under this map's lock) before it closes its sockets, and this
+    /// thread uses them only under that lock.
+    from: RawFd,
+    /// The peer socket's fd and its send-stream position before any redirect: the
+    /// direction's delivered bytes are `stream_position(to) - to_base`.
+    to: RawFd,
+    to_base: u64,
+    /// Woken (with a stored permit) when the direction must leave the kernel.
+    handoff: Arc<Notify>,
+    /// Woken already (an event came, or the ledger scan found it).
+    notified: bool,
+}
+
+/// The directions the kernel splices now, by source socket cookie.
+#[derive(Default)]
+pub struct LiveDirections {
+    dirs: Mutex<HashMap<u64, Watched>>,
+}
+
+impl LiveDirections {
+    /// Starts watching a direction; the returned notifier fires when it must leave the
+    /// kernel. `to` must stay open until [`forget`](Self::forget).
+    pub fn watch(
+        &self,
+        cookie: u64,
+        slot: u32,
+        from: RawFd,
+        to: RawFd,
+        to_base: u64,
+    ) -> Arc<Notify> {
+        let handoff = Arc::new(Notify::new());
+        self.dirs.lock().unwrap().insert(
+            cookie,
+            Watched {
+                slot,
+                from,
+                to,
+                to_base,
+                handoff: handoff.clone(),
+                notified: false,
+            },
+        );
+        handoff
+    }
+
+    /// Stops watching a direction (it left the kernel, or its tunnel ends).
+    pub fn forget(&self, cookie: u64) {
+        self.dirs.lock().unwrap().remove(&cookie);
+    }
+
+    /// Directions the kernel splices now.
+    pub(super) fn len(&self) -> usize {
+        self.dirs.lock().unwrap().len()
+    }
+
+    /// Takes a direction out of the kernel, once: waits for any stream-parser pass
+    /// running from the workqueue (it holds the socket's owner lock, which the map
+    /// removal does not exclude; TCP_INFO waits for it), then removes the socket from
+    /// `SOCKS` and wakes the tunnel. False if it was already handed over, or is gone.
+    fn hand_off(&self, cookie: u64, socks: &Mutex<SockHash<MapData, u64>>) -> bool {
+        // Under the lock: the fds cannot close meanwhile.
+        let mut dirs = self.dirs.lock().unwrap();
+        let Some(w) = dirs.get_mut(&cookie) else {
+            return false;
+        };
+        if w.notified {
+            return false;
+        }
+        w.notified = true;
+        let _ = sys::stream_position(&w.from);
+        let _ = socks.lock().unwrap().remove(&cookie);
+        w.handoff.notify_one();
+        true
+    }
+
+    /// Wakes every direction whose ledger asks for a hand-off that no event announced.
+    /// Returns their cookies and reasons.
+    fn over_budget_in_ledger(&self, accounting: &Accounting) -> Vec<(u64, u32)> {
+        self.dirs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, w)| !w.notified)
+            .filter_map(|(&cookie, w)| {
+                let reason = accounting.handoff(w.slot);
+                (reason != 0).then_some((cookie, reason))
+            })
+            .collect()
+    }
+
+    /// Takes off the machine-wide count what quiet directions have delivered.
+    fn settle_quiet(&self, accounting: &Accounting) {
+        let cookies: Vec<u64> = self.dirs.lock().unwrap().keys().copied().collect();
+        for cookie in cookies {
+            // One direction at a time under the lock: its fd cannot close meanwhile.
+            let dirs = self.dirs.lock().unwrap();
+            let Some(w) = dirs.get(&cookie) else {
+                continue;
+            };
+            if accounting.outstanding(w.slot) == 0 {
+                continue;
+            }
+            let redirected = accounting.redirected(w.slot);
+            if let Ok(pos) = sys::stream_position(&w.to) {
+                accounting.settle(w.slot, pos.saturating_sub(w.to_base).min(redirected));
+            }
+        }
+    }
+}
+
+/// What the thread needs of the loaded fast path.
+pub struct Shared {
+    pub live: Arc<LiveDirections>,
+    pub accounting: Arc<Accounting>,
+    pub stats: Arc<Stats>,
+    /// `SOCKS`: a direction handed over leaves it here at once (the verdict keeps
+    /// redirecting until then), before its tunnel's task even wakes.
+    pub socks: Arc<Mutex<SockHash<MapData, u64>>>,
+}
+
+impl Shared {
+    /// Takes a direction out of the kernel and counts why; false if it already was.
+    fn hand_off(&self, cookie: u64, reason: u32) -> bool {
+        if !self.live.hand_off(cookie, &self.socks) {
+            return false;
+        }
+        let counter = if reason == HANDOFF_DIRECTION_BUDGET {
+            &self.stats.handoffs_direction_budget
+        } else {
+            &self.stats.handoffs_memory_limit
+        };
+        counter.fetch_add(1, Relaxed);
+        true
+    }
+}
+
+/// Starts the thread. The receiver turns `Some(reason)` if it ever stops.
+///
+/// A thread of its own rather than a tokio task: between the verdict's request and the
+/// removal from `SOCKS` the kernel keeps redirecting at line rate, so the reaction time
+/// is memory; a thread blocked in `poll(2)` on the ring runs as soon as it gets a CPU,
+/// never behind other tasks.
+pub fn spawn(
+    events: RingBuf<MapData>,
+    shared: Shared,
+) -> anyhow::Result<watch::Receiver<Option<String>>> {
+    let fault = std::env::var(FAULT_ENV).is_ok_and(|f| f == "event-reader-panic");
+    let (tx, rx) = watch::channel(None);
+    std::thread::Builder::new()
+        .name("fastpath-handoff".into())
+        .spawn(move || {
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(events, &shared, fault)
+            }));
+            let reason = match ended {
+                Ok(e) => format!("{e:#}"),
+                Err(_) => "it panicked".to_string(),
+            };
+            tracing::error!(
+                reason,
+                "fast path: the thread that hands directions over from the kernel stopped"
+            );
+            let _ = tx.send(Some(reason));
+        })
+        .context("starting the fast path's hand-off thread")?;
+    Ok(rx)
+}
+
+fn run(mut events: RingBuf<MapData>, shared: &Shared, fault: bool) -> anyhow::Error {
+    let fd = events.as_raw_fd();
+    let mut settled = Instant::now();
+    let mut missed_seen = 0;
+    loop {
+        let wait = SETTLE_EVERY.saturating_sub(settled.elapsed());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        if unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return anyhow::Error::new(e).context("waiting on the event ring");
+        }
+        while let Some(item) = events.next() {
+            assert!(!fault, "test fault: event reader panics");
+            let Some(event) = parse(&item) else {
+                tracing::warn!(len = item.len(), "fast path: malformed event ignored");
+                continue;
+            };
+            if shared.hand_off(event.cookie, event.reason) {
+                let waited = monotonic_ns().saturating_sub(event.at_ns);
+                shared
+                    .stats
+                    .handoff_latency_max_ns
+                    .fetch_max(waited, Relaxed);
+                tracing::debug!(
+                    cookie = event.cookie,
+                    reason = event.reason,
+                    latency_us = waited / 1000,
+                    "fast path: direction taken out of the kernel"
+                );
+            }
+        }
+        // An event the ring had no room for: the ledger still says which direction.
+        let missed = shared.accounting.events_missed();
+        if missed != missed_seen {
+            missed_seen = missed;
+            let found: Vec<(u64, u32)> = shared
+                .live
+                .over_budget_in_ledger(&shared.accounting)
+                .into_iter()
+                .filter(|&(cookie, reason)| shared.hand_off(cookie, reason))
+                .collect();
+            shared
+                .stats
+                .handoffs_found_by_scan
+                .fetch_add(found.len() as u64, Relaxed);
+            tracing::warn!(
+                events_missed = missed,
+                found = found.len(),
+                "fast path: the event ring was full; directions over budget found through the ledger"
+            );
+        }
+        if settled.elapsed() >= SETTLE_EVERY {
+            shared.live.settle_quiet(&shared.accounting);
+            settled = Instant::now();
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds (the clock of `bpf_ktime_get_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn parse(item: &[u8]) -> Option<OverBudgetEvent> {
+    if item.len() != size_of::<OverBudgetEvent>() {
+        return None;
+    }
+    Some(OverBudgetEvent {
+        cookie: u64::from_ne_bytes(item[0..8].try_into().ok()?),
+        reason: u32::from_ne_bytes(item[8..12].try_into().ok()?),
+        _pad: 0,
+        at_ns: u64::from_ne_bytes(item[16..24].try_into().ok()?),
+    })
+}
