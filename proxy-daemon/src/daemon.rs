@@ -278,6 +278,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         draining: AtomicBool::new(false),
         force_close: CancellationToken::new(),
     }));
+    metrics::add_source(shared.tunnels.clone());
     metrics::add_source(DaemonMetrics {
         shared,
         files,

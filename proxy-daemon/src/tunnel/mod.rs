@@ -85,6 +85,142 @@ impl Relay {
     }
 }
 
+/// The tunnel and fast-path metrics, read at scrape time from the registry and the maps.
+impl crate::metrics::Source for Tunnels {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{counter, gauge};
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+
+        let live = self.registry.snapshot();
+        gauge(encoder, "tunnels", "Open tunnels", live.len() as i64)?;
+        let mut paths: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+        for t in &live {
+            *paths
+                .entry(("client_to_upstream", t.client_to_upstream.path))
+                .or_default() += 1;
+            *paths
+                .entry(("upstream_to_client", t.upstream_to_client.path))
+                .or_default() += 1;
+        }
+        let mut m = encoder.encode_descriptor(
+            "tunnel_directions",
+            "Directions of open tunnels by the data paths they have used (kernel, splice, copy; kernel+splice: handed over)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((direction, path), n) in paths {
+            m.encode_family(&[("direction", direction), ("path", path)])?
+                .encode_gauge(&n)?;
+        }
+        let bytes = self.registry.bytes();
+        let mut m = encoder.encode_descriptor(
+            "tunnel_bytes",
+            "Tunnel bytes delivered since start-up, by direction and data path (kernel bytes read from the eBPF maps)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (direction, b) in [
+            ("client_to_upstream", bytes.client_to_upstream),
+            ("upstream_to_client", bytes.upstream_to_client),
+        ] {
+            for (path, n) in [("kernel", b.kernel), ("splice", b.splice), ("copy", b.copy)] {
+                m.encode_family(&[("direction", direction), ("path", path)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        let Some(splicer) = self.relay.splicer() else {
+            return Ok(());
+        };
+        let st = &splicer.stats;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let mut m = encoder.encode_descriptor(
+            "fastpath_handoffs",
+            "Directions the kernel handed to the daemon (over their own budget, or the machine-wide memory limit)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, n) in [
+            ("direction_budget", load(&st.handoffs_direction_budget)),
+            ("memory_limit", load(&st.handoffs_memory_limit)),
+        ] {
+            m.encode_family(&[("reason", reason)])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        counter(
+            encoder,
+            "fastpath_handoffs_found_by_scan",
+            "Hand-offs whose event was lost to a full ring, found in the ledger",
+            load(&st.handoffs_found_by_scan),
+        )?;
+        counter(
+            encoder,
+            "fastpath_dropped_bytes",
+            "Tunnel bytes the kernel lost (must stay 0; such a tunnel is reset)",
+            load(&st.kernel_dropped),
+        )?;
+        counter(
+            encoder,
+            "fastpath_misparsed",
+            "Messages the stream parser could not place (must stay 0)",
+            load(&st.kernel_misparsed),
+        )?;
+        counter(
+            encoder,
+            "fastpath_directions_lost",
+            "Directions whose kernel state was missing (the tunnel was reset)",
+            load(&st.directions_lost),
+        )?;
+        counter(
+            encoder,
+            "fastpath_maps_full",
+            "Tunnels relayed in userspace because the maps were full",
+            load(&st.maps_full),
+        )?;
+        counter(
+            encoder,
+            "fastpath_events_missed",
+            "Over-budget events lost to a full ring buffer",
+            splicer.events_missed(),
+        )?;
+        let (queued, peak) = splicer.kernel_queued();
+        gauge(
+            encoder,
+            "fastpath_queued_bytes",
+            "Bytes queued in the kernel now over every direction (memory no socket is charged for)",
+            queued as i64,
+        )?;
+        gauge(
+            encoder,
+            "fastpath_queued_bytes_peak",
+            "Most bytes queued in the kernel at once since start-up",
+            peak as i64,
+        )?;
+        gauge(
+            encoder,
+            "fastpath_memory_limit_bytes",
+            "Machine-wide limit on bytes queued in the kernel (0: none)",
+            splicer.settings.memory_limit as i64,
+        )?;
+        gauge(
+            encoder,
+            "fastpath_directions_in_kernel",
+            "Directions the kernel splices now",
+            splicer.directions_in_kernel() as i64,
+        )?;
+        gauge(
+            encoder,
+            "fastpath_map_sockets",
+            "Entries in the socket maps (SOCKS + TARGETS)",
+            splicer.sockets_in_map() as i64,
+        )?;
+        Ok(())
+    }
+}
+
 impl crate::admin::TunnelList for Tunnels {
     fn json(&self) -> String {
         serde_json::to_string(&self.registry.snapshot()).unwrap_or_else(|_| "[]".into())
