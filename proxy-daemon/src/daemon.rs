@@ -549,6 +549,15 @@ impl metrics::Source for DaemonMetrics {
     }
 }
 
+fn resident_bytes() -> u64 {
+    // statm: size resident shared … in pages.
+    let pages: u64 = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
