@@ -505,6 +505,12 @@ impl metrics::Source for DaemonMetrics {
         )?;
         metrics::gauge(
             encoder,
+            "resident_memory_bytes",
+            "The process's resident memory (VmRSS)",
+            resident_bytes() as i64,
+        )?;
+        metrics::gauge(
+            encoder,
             "open_fds_limit",
             "The process's open-file limit (soft, after raising it to the hard one)",
             self.files.soft as i64,
