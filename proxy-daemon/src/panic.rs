@@ -8,6 +8,17 @@
 use std::cell::RefCell;
 use std::future::Future;
 
+thread_local! {
+    /// This thread's owner watches for its end and handles a panic itself.
+    static OWNER_HANDLES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the current thread as one whose panic its owner handles (it watches the
+/// thread's end and shuts the daemon down in order): the hook only logs.
+pub fn owner_handles_this_thread() {
+    OWNER_HANDLES.with(|o| o.set(true));
+}
+
 tokio::task_local! {
     /// What the running task is serving: `request <id>` or `tunnel <id>`.
     static TASK: RefCell<Vec<u8>>;
@@ -50,6 +61,11 @@ pub fn install_hook() {
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
         let thread = std::thread::current().name().unwrap_or("?").to_owned();
+        if OWNER_HANDLES.with(|o| o.get()) {
+            tracing::error!(%thread, %location, panic = %message, "thread panicked; its owner shuts the daemon down");
+            crate::logging::flush_now();
+            return;
+        }
         match task {
             Some(task) => {
                 tracing::error!(%task, %thread, %location, panic = %message, "task panicked: closed its connections, serving on");

@@ -1429,12 +1429,20 @@ async fn thousands_of_concurrent_tunnels_leave_nothing_behind() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    let closed = d.log_lines("tunnel closed").len();
+    wait_idle(&d, fds).await;
+    // Log lines leave the daemon in batches: give the last ones a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let closed = loop {
+        let closed = d.log_lines("tunnel closed").len();
+        if closed >= n as usize - 10 || Instant::now() > deadline {
+            break closed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         closed >= n as usize - 10,
         "only {closed} tunnels logged closed"
     );
-    wait_idle(&d, fds).await;
 }
 
 // ---------------------------------------------------------------- measurement

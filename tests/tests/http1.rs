@@ -274,8 +274,16 @@ async fn a_client_that_leaves_frees_the_upstream_it_was_waiting_for() -> Result<
     let mut c = s.topo.client.connect(s.addr()).await?;
     c.write_all(format!("GET /hang HTTP/1.1\r\nHost: h\r\n{T}\r\n\r\n").as_bytes())
         .await?;
+    let started = Instant::now();
+    while app.requests().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the daemon's delay before it watches the client.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.requests().len(), 1);
     drop(c);
     let started = Instant::now();
     while app.closed_by_peer().is_empty() {
@@ -285,7 +293,8 @@ async fn a_client_that_leaves_frees_the_upstream_it_was_waiting_for() -> Result<
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let logs = s.daemon.logs();
-    assert!(logs.contains(r#""outcome":"client_gone""#), "{logs}");
+    s.daemon
+        .log_containing(r#""outcome":"client_gone""#)
+        .await?;
     Ok(())
 }

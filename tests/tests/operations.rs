@@ -234,3 +234,119 @@ async fn check_reports_the_choice_and_fails_on_a_bad_configuration() -> Result<(
     assert!(String::from_utf8_lossy(&bad.stdout).contains("secret: ERROR"));
     Ok(())
 }
+
+/// Tunnel counters agree with the bytes a test moved, live (`/debug/tunnels`) and after
+/// the end (`/metrics`), on the fast path and on the userspace relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_counters_agree_with_the_bytes_moved() -> Result<()> {
+    use tests::upstream::RawUpgradeApp;
+    use tokio::io::AsyncReadExt;
+    for mode in [&["--splice", "auto"][..], &["--splice", "off"][..]] {
+        let s = Setup::new(mode).await?;
+        let mut app = RawUpgradeApp::start(s.topo.machine.listen(v4(5000))?, vec![])?;
+        let (up, down) = (300_000usize, 700_000usize);
+        let mut pairs = Vec::new();
+        for i in 0..2 {
+            let extra = format!("X-Request-Id: counted-{i}\r\n");
+            let (client, head, _) = tests::client::upgrade(
+                &s.topo.client,
+                s.addr(),
+                "localhost:5000",
+                "websocket",
+                &extra,
+            )
+            .await?;
+            assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+            let upstream = tokio::time::timeout(Duration::from_secs(5), app.accepted.recv())
+                .await?
+                .expect("upstream")
+                .stream;
+            pairs.push((client, upstream));
+        }
+        for (client, upstream) in pairs.iter_mut() {
+            let (mut cr, mut cw) = client.split();
+            let (mut ur, mut uw) = upstream.split();
+            let mut a = vec![0u8; up];
+            tests::pattern::fill(1, 0, &mut a);
+            let mut b = vec![0u8; down];
+            tests::pattern::fill(2, 0, &mut b);
+            let (mut ra, mut rb) = (vec![0u8; up], vec![0u8; down]);
+            tokio::try_join!(
+                cw.write_all(&a),
+                uw.write_all(&b),
+                ur.read_exact(&mut ra),
+                cr.read_exact(&mut rb)
+            )?;
+            assert!(ra == a && rb == b, "{mode:?}: bytes changed in transit");
+        }
+        // Live: both tunnels, with their request ids and exact counts (kernel bytes are
+        // read from the maps; give the kernel's sender a moment).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let list = loop {
+            let (status, body) = admin_get(&s, "/debug/tunnels").await?;
+            assert_eq!(status, 200);
+            let list: serde_json::Value = serde_json::from_str(&body)?;
+            let exact = list.as_array().is_some_and(|a| {
+                a.len() == 2
+                    && a.iter().all(|t| {
+                        t["bytes_client_to_upstream"] == up as u64
+                            && t["bytes_upstream_to_client"] == down as u64
+                    })
+            });
+            if exact || std::time::Instant::now() > deadline {
+                break list;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let tunnels = list.as_array().expect("array");
+        assert_eq!(tunnels.len(), 2, "{mode:?}: {list}");
+        for (i, t) in tunnels.iter().enumerate() {
+            assert_eq!(t["request_id"], format!("counted-{i}"), "{t}");
+            assert_eq!(t["port"], 5000);
+            assert!(t["age_s"].as_f64().unwrap() >= 0.0);
+            assert_eq!(t["bytes_client_to_upstream"], up as u64, "{mode:?}: {t}");
+            assert_eq!(t["bytes_upstream_to_client"], down as u64, "{mode:?}: {t}");
+            assert!(t["client_to_upstream"]["path"].is_string(), "{t}");
+        }
+        drop(pairs);
+        // Ended: the totals by path add up to what moved.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, text) = admin_get(&s, "/metrics").await?;
+            let sum = |direction: &str| -> f64 {
+                ["kernel", "splice", "copy"]
+                    .iter()
+                    .filter_map(|p| {
+                        metric(&text, &format!(r#"project_ingress_proxy_tunnel_bytes_total{{direction="{direction}",path="{p}"}}"#))
+                    })
+                    .sum()
+            };
+            let open = metric(&text, "project_ingress_proxy_tunnels");
+            if open == Some(0.0) {
+                assert_eq!(
+                    sum("client_to_upstream"),
+                    (2 * up) as f64,
+                    "{mode:?}: {text}"
+                );
+                assert_eq!(
+                    sum("upstream_to_client"),
+                    (2 * down) as f64,
+                    "{mode:?}: {text}"
+                );
+                if mode[1] == "auto" {
+                    assert_eq!(
+                        metric(&text, "project_ingress_proxy_fastpath_dropped_bytes_total"),
+                        Some(0.0)
+                    );
+                }
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tunnels never closed: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
+}

@@ -41,6 +41,9 @@ fn daemon(caps: &str, splice: &str) -> Result<(Child, TempBin)> {
             "json",
             "--splice",
             splice,
+            // Several run at once in this namespace: no fixed admin port.
+            "--admin-listen",
+            "off",
         ])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

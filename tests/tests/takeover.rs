@@ -16,13 +16,27 @@ use tokio::net::TcpStream;
 const REQ: &[u8] =
     b"GET /t HTTP/1.1\r\nHost: h\r\nX-Iterate-Proxy-Target-Host: localhost:4096\r\n\r\n";
 
-/// One response on `c`: `Ok(true)` answered 200, `Ok(false)` closed before any byte.
+/// One response on `c`: `Ok(true)` answered 200, `Ok(false)` closed (FIN or RST) before
+/// any byte of it: a draining daemon closed the idle connection as the request went out,
+/// which an HTTP client answers by sending again on a new connection.
 async fn one(c: &mut TcpStream) -> Result<bool> {
-    c.write_all(REQ).await?;
+    let closed = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    };
+    match c.write_all(REQ).await {
+        Err(e) if closed(&e) => return Ok(false),
+        other => other?,
+    }
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk)).await??;
+        let n = match tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk)).await? {
+            Err(e) if closed(&e) && buf.is_empty() => 0,
+            other => other?,
+        };
         if n == 0 {
             ensure!(
                 buf.is_empty(),

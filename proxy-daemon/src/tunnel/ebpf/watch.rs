@@ -183,6 +183,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("fastpath-handoff".into())
         .spawn(move || {
+            // Its end, panic or not, is reported through `tx`: the daemon stops in order.
+            crate::panic::owner_handles_this_thread();
             let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run(events, &shared, fault)
             }));
