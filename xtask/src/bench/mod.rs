@@ -64,14 +64,33 @@ pub fn run(quick: bool) -> Result<()> {
     procs::register_cleanup(&[&topo.client.name, &topo.machine.name], &[&tmp.0]);
     let ctx = Ctx::new(quick, &topo, &tool, &tmp.0, &rt);
     let warm_up = WarmUp::new(quick);
+    // Partial runs (to look at one thing): XTASK_BENCH_SYSTEMS and XTASK_BENCH_SCENARIOS,
+    // comma-separated substrings of system names and of scenario descriptions. Their
+    // results go under target/bench-partial/, never to bench/results/.
+    let only = |var: &str| -> Option<Vec<String>> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+    };
+    let (only_systems, only_scenarios) = (only("XTASK_BENCH_SYSTEMS"), only("XTASK_BENCH_SCENARIOS"));
+    let partial = only_systems.is_some() || only_scenarios.is_some();
     let mut entries: Vec<Entry> = scenarios::all(quick)
         .into_iter()
+        .filter(|s| {
+            only_scenarios
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|w| s.describe().contains(w.as_str())))
+        })
         .map(|scenario| Entry {
             tables: scenario.tables(),
             scenario,
         })
         .collect();
-    for sys in systems::ALL {
+    for sys in systems::ALL.iter().copied().filter(|s| {
+        only_systems
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|w| s.name() == w.as_str()))
+    }) {
         eprintln!(
             "[bench] {} ({:.0}s elapsed)",
             sys.name(),
@@ -86,7 +105,11 @@ pub fn run(quick: bool) -> Result<()> {
     let tables: Vec<Table> = entries.into_iter().flat_map(|e| e.tables).collect();
     let out = results::write(
         &root,
-        &results::out_dir(&root, quick),
+        &if partial {
+            root.join("target/bench-partial")
+        } else {
+            results::out_dir(&root, quick)
+        },
         &results::Summary {
             quick,
             parameters: &parameters,
