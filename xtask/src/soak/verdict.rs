@@ -68,7 +68,9 @@ const FIXED: &[Option<Row>] = {
     use Class::*;
     use Unit::*;
     &[
-        Some(("daemon_rss_kib", "daemon RSS", KiB, Level, 4096.0, 0.05, false)),
+        // glibc keeps its high-water mark: a rare burst steps RSS up a few MiB for good
+        // (seen: +2.5 MiB at once, flat after); a leak keeps climbing.
+        Some(("daemon_rss_kib", "daemon RSS", KiB, Level, 8192.0, 0.10, false)),
         Some(("daemon_fds", "daemon open fds", Count, Objects, 8.0, 0.10, false)),
         Some(("daemon_threads", "daemon threads", Count, Objects, 1.0, 0.0, false)),
         None,
@@ -375,10 +377,10 @@ mod tests {
             }
         });
         assert_eq!(verdict_of(&plan, &flat).0, Verdict::Pass);
-        // A leak of 100 KiB a second under load, never given back.
+        // A leak of 200 KiB a second under load, never given back.
         let load_start = (plan.baseline + plan.warm_up + plan.settle).as_secs_f64();
         let leak = run(&plan, "daemon_rss_kib", |p, t| {
-            let leaked = (t - load_start).max(0.0) * 100.0;
+            let leaked = (t - load_start).max(0.0) * 200.0;
             if busy(p) {
                 30_000.0 + leaked
             } else {
