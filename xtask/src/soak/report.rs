@@ -231,6 +231,18 @@ pub fn markdown(f: &Facts) -> String {
         );
     }
 
+    let others: Vec<f64> = f
+        .samples
+        .iter()
+        .filter(|s| s.phase == Phase::Load)
+        .filter_map(|s| s.values.get("other_tcp_sockets").copied())
+        .collect();
+    if !others.is_empty() {
+        let max = others.iter().copied().fold(0.0, f64::max);
+        let mean = others.iter().sum::<f64>() / others.len() as f64;
+        let _ = writeln!(o, "\nThe rest of the machine during the load (†): {mean:.0} TCP sockets on average outside the soak's namespaces, {max:.0} at most (sockstat `alloc` minus the soak's sockets; near 0 on a quiet machine).");
+    }
+
     let _ = writeln!(o, "\n## CPU\n");
     for (key, who) in [
         (

@@ -120,8 +120,17 @@ async fn run(
         let t = env.record.start.elapsed().as_secs_f64();
         process(pid, &mut v);
         kernel(pid, &mut v);
-        if let Some(kib) = socket_memory(&env.topo.machine.name) {
-            v.insert("socket_mem_kib".into(), kib);
+        let machine = socket_memory(&env.topo.machine.name);
+        let client = socket_memory(&env.topo.client.name);
+        if let (Some((_, machine_kib)), Some((client_socks, client_kib))) = (machine, client) {
+            v.insert("socket_mem_kib".into(), machine_kib);
+            v.insert("client_socket_mem_kib".into(), client_kib);
+            // sockstat's `alloc` counts every TCP socket of the machine: what is not
+            // the soak's tells how busy the rest of the machine was.
+            if let (Some(all), Some(ours)) = (v.get("tcp_alloc"), v.get("tcp_inuse")) {
+                let others = all - ours - client_socks as f64;
+                v.insert("other_tcp_sockets".into(), others.max(0.0));
+            }
         }
         if maps.is_empty() {
             maps = bpf_maps(pid);
@@ -228,10 +237,10 @@ fn kernel(pid: i32, v: &mut BTreeMap<String, f64>) {
     }
 }
 
-/// Memory held by the TCP sockets of the machine namespace (the daemon's and the
-/// upstream app's), KiB: Σ rmem_alloc + wmem_queued + forward_alloc as `ss -tm` reports
-/// them. Unlike the machine-wide `tcp_mem`, nothing else on the machine moves it.
-fn socket_memory(netns: &str) -> Option<f64> {
+/// The TCP sockets of a namespace (not listening ones) and the memory they hold, KiB:
+/// Σ rmem_alloc + wmem_queued + forward_alloc as `ss -tm` reports them. Unlike the
+/// machine-wide `tcp_mem`, nothing else on the machine moves it.
+fn socket_memory(netns: &str) -> Option<(usize, f64)> {
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "ss", "-tmnH"])
         .output()
@@ -240,9 +249,10 @@ fn socket_memory(netns: &str) -> Option<f64> {
         return None;
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut bytes = 0u64;
+    let (mut sockets, mut bytes) = (0usize, 0u64);
     // `skmem:(r0,rb131072,t0,tb87040,f0,w0,o0,bl0,d0)` per socket.
     for part in text.split("skmem:(").skip(1) {
+        sockets += 1;
         let fields = part.split(')').next().unwrap_or("");
         for field in fields.split(',') {
             let Some(at) = field.find(|c: char| c.is_ascii_digit()) else {
@@ -254,7 +264,7 @@ fn socket_memory(netns: &str) -> Option<f64> {
             }
         }
     }
-    Some(bytes as f64 / 1024.0)
+    Some((sockets, bytes as f64 / 1024.0))
 }
 
 /// The eBPF maps the daemon holds: (id, name), from its fds' fdinfo and `bpftool`.

@@ -81,6 +81,7 @@ const FIXED: &[Option<Row>] = {
         Some(("upstream_connections", "upstream app: open HTTP connections", Count, Objects, 8.0, 0.10, false)),
         Some(("upstream_sessions", "upstream app: open upgraded sessions", Count, Objects, 4.0, 0.10, false)),
         Some(("socket_mem_kib", "TCP socket memory (machine namespace)", KiB, Level, 8192.0, 0.10, false)),
+        Some(("client_socket_mem_kib", "TCP socket memory (client namespace)", KiB, Level, 8192.0, 0.10, false)),
         Some(("tcp_orphan", "orphaned TCP sockets", Count, Level, 4.0, 0.10, true)),
         Some(("tcp_mem", "TCP memory", Pages, Level, 2048.0, 0.10, true)),
         Some(("slab_kib", "kernel Slab", KiB, Level, 16384.0, 0.05, true)),
