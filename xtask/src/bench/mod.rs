@@ -12,9 +12,9 @@
 mod context;
 pub mod http_cost;
 mod measure;
-mod procs;
+pub(crate) mod procs;
 mod report;
-mod results;
+pub(crate) mod results;
 mod scenarios;
 mod systems;
 mod wrk;
@@ -280,7 +280,7 @@ fn build(root: &Path) -> Result<()> {
 }
 
 /// apt-installs the tools that are missing (best effort: a missing peer shows as FAILED).
-fn install_tools(tools: &[&str]) {
+pub(crate) fn install_tools(tools: &[&str]) {
     for tool in tools {
         if which(tool).is_none() {
             eprintln!("[bench] installing {tool}");

@@ -14,7 +14,8 @@ static LIVE: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 static NETNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static TEMP: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-fn live(pgid: i32, add: bool) {
+/// Adds (or removes) a process group that the signal handler kills.
+pub(crate) fn live(pgid: i32, add: bool) {
     let mut l = LIVE.lock().unwrap_or_else(|e| e.into_inner());
     if add {
         l.push(pgid);
@@ -74,7 +75,7 @@ pub fn register_cleanup(netns: &[&str], dirs: &[&Path]) {
 }
 
 /// Own process group, default signal mask.
-fn prepare(cmd: &mut Command) {
+pub(crate) fn prepare(cmd: &mut Command) {
     cmd.process_group(0);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
