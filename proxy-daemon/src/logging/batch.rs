@@ -26,8 +26,15 @@ struct Queue {
     bytes: usize,
     /// Lines dropped since the writer last reported.
     dropped_lines: u64,
+    /// A warning or error is queued: write it now, not at the next tick.
+    urgent: bool,
     stopping: bool,
+    /// Written buffers, emptied, for the threads to fill again (no allocation per batch).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Most emptied buffers kept for reuse.
+const SPARE_BUFFERS: usize = 16;
 
 struct Shared {
     queue: Mutex<Queue>,
@@ -85,10 +92,11 @@ pub fn append(fill: impl FnOnce(&mut Vec<u8>)) {
     }
 }
 
-/// Hands this thread's buffer to the writer and wakes it.
+/// Hands this thread's buffer to the writer and has it written at once.
 pub fn flush_now() {
     flush();
     if let Some(shared) = SHARED.get() {
+        shared.queue.lock().unwrap().urgent = true;
         shared.wake.notify_one();
     }
 }
@@ -104,26 +112,31 @@ pub fn flush() {
         });
         return;
     };
-    let buffer = BUFFER.with(|b| {
+    let taken = BUFFER.with(|b| {
         let mut b = b.borrow_mut();
         if b.is_empty() {
             return None;
         }
-        Some(std::mem::replace(&mut *b, Vec::with_capacity(BATCH_BYTES)))
+        Some(std::mem::take(&mut *b))
     });
-    let Some(buffer) = buffer else { return };
+    let Some(buffer) = taken else { return };
     let mut queue = shared.queue.lock().unwrap();
+    let spare = queue.spare.pop();
     if queue.bytes + buffer.len() > MAX_PENDING_BYTES {
         let lines = buffer.iter().filter(|&&b| b == b'\n').count() as u64;
         queue.dropped_lines += lines;
         DROPPED_TOTAL.fetch_add(lines, Ordering::Relaxed);
+        let mut buffer = buffer;
+        buffer.clear();
+        drop(queue);
+        BUFFER.with(|b| *b.borrow_mut() = buffer);
         return;
     }
     queue.bytes += buffer.len();
     queue.buffers.push(buffer);
-    if !BATCHING.with(Cell::get) {
-        shared.wake.notify_one();
-    }
+    drop(queue);
+    // The next lines go into a buffer the writer has emptied (or a new one).
+    BUFFER.with(|b| *b.borrow_mut() = spare.unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES)));
 }
 
 /// Flushes this thread, then waits until the writer has written everything queued and
@@ -142,11 +155,14 @@ fn write_loop() {
     let shared = SHARED.get().expect("started");
     let mut stderr = std::io::stderr().lock();
     loop {
-        let (buffers, dropped, stopping) = {
+        let (mut buffers, dropped, stopping) = {
             let mut queue = shared.queue.lock().unwrap();
-            if queue.buffers.is_empty() && !queue.stopping {
+            if !queue.stopping && !queue.urgent {
+                // One write per tick, whatever the number of batches: the workers hand
+                // over small batches whenever they go idle.
                 queue = shared.wake.wait_timeout(queue, WRITER_TICK).unwrap().0;
             }
+            queue.urgent = false;
             queue.bytes = 0;
             (
                 std::mem::take(&mut queue.buffers),
@@ -154,10 +170,8 @@ fn write_loop() {
                 queue.stopping,
             )
         };
-        for b in &buffers {
-            // A failed write (stderr closed) loses these lines; nothing else can be done.
-            let _ = stderr.write_all(b);
-        }
+        // A failed write (stderr closed) loses these lines; nothing else can be done.
+        let _ = write_all_vectored(&mut stderr, &buffers);
         if dropped > 0 {
             // Written after the lines that made it: the reader is keeping up again.
             let mut line = Vec::new();
@@ -170,8 +184,36 @@ fn write_loop() {
             let _ = stderr.write_all(&line);
         }
         let _ = stderr.flush();
-        if stopping && buffers.is_empty() {
+        let done = stopping && buffers.is_empty();
+        let mut queue = shared.queue.lock().unwrap();
+        for mut b in buffers.drain(..) {
+            if queue.spare.len() < SPARE_BUFFERS && b.capacity() <= 4 * BATCH_BYTES {
+                b.clear();
+                queue.spare.push(b);
+            }
+        }
+        drop(queue);
+        if done {
             return;
         }
     }
+}
+
+/// Writes every buffer, as few `writev` calls as the kernel allows.
+fn write_all_vectored(out: &mut impl Write, buffers: &[Vec<u8>]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> = buffers
+        .iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| std::io::IoSlice::new(b))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match out.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

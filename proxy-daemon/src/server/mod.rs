@@ -48,6 +48,20 @@ pub struct Shared {
 
 /// One listening socket per worker, all on `addr`.
 pub fn bind(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    // SO_REUSEPORT would let a second daemon (same user) silently share the port with a
+    // running one; a plain bind first finds out whether anything holds it.
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        if let Err(e) = probe.bind(&addr.into()) {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                anyhow::bail!(
+                    "listening on {addr}: the address is in use (another daemon? start with --takeover and --control-socket to replace it)"
+                );
+            }
+            return Err(e).with_context(|| format!("listening on {addr}"));
+        }
+    }
     (0..workers)
         .map(|_| {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

@@ -298,6 +298,9 @@ fn command(
                 .args(&opts.daemon_args)
                 .env_remove("RUST_LOG")
                 .env_remove("PROJECT_INGRESS_PROXY_LOG_FORMAT")
+                // Several daemons run side by side here: each admin interface on a free
+                // port (an env fallback, which builds without one ignore).
+                .env("PROJECT_INGRESS_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
                 .env_remove("PROJECT_INGRESS_PROXY_SECRET")
                 .env_remove("PROJECT_INGRESS_PROXY_SECRET_FILE");
             if let Some(level) = rust_log {
