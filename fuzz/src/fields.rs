@@ -67,6 +67,16 @@ impl Head {
             .map(<[u8]>::to_vec)
             .collect()
     }
+
+    /// Connection options (`close`, `upgrade`…) as hyper reads them: only from values
+    /// that are visible ASCII.
+    pub fn connection_options(&self) -> Vec<Vec<u8>> {
+        self.values("connection")
+            .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+            .flat_map(list)
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
 }
 
 /// The non-empty comma-separated elements of a list-valued field, trimmed of SP/HTAB.

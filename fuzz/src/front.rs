@@ -43,7 +43,13 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 
 pub struct FrontEnd {
     runtime: tokio::runtime::Runtime,
+    /// A keep-alive connection to each daemon that asks for `/health` after every input.
+    health: std::sync::Mutex<[Option<TcpStream>; 2]>,
 }
+
+const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\n\r\n";
+const HEALTHY: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\n\r\nOK";
 
 static FRONT: OnceLock<FrontEnd> = OnceLock::new();
 
@@ -74,13 +80,16 @@ impl FrontEnd {
                 Err(e) => eprintln!("front_end: no IPv6 upstream ({e}); port 3000 is refused"),
             }
         });
-        FrontEnd { runtime }
+        FrontEnd {
+            runtime,
+            health: Default::default(),
+        }
     }
 
     /// One client connection: `input[0]` picks the daemon (bit 7: the secured one) and
     /// how the upstream answers (bits 0-2); the rest is written, then the write side is
     /// closed and everything the daemon sends is read until it closes. Then `/health`
-    /// must still be answered.
+    /// must still be answered (on a keep-alive connection kept across inputs).
     pub fn run(&self, input: &[u8]) {
         let Some((&mode, bytes)) = input.split_first() else {
             return;
@@ -91,12 +100,27 @@ impl FrontEnd {
         } else {
             OPEN_PORT
         };
+        let mut health = self.health.lock().unwrap();
+        let health = &mut health[usize::from(port == SECURED_PORT)];
         self.runtime.block_on(async {
             let daemon = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
             exchange(daemon, bytes).await;
-            let health = exchange(daemon, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").await;
-            let want = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK";
-            assert_eq!(health, want, "the daemon stopped answering /health: {}", show(&health));
+            let stream = match health {
+                Some(s) => s,
+                None => health.insert(
+                    TcpStream::connect(daemon)
+                        .await
+                        .expect("the daemon accepts"),
+                ),
+            };
+            let mut answer = vec![0u8; HEALTHY.len()];
+            let asked = stream.write_all(HEALTH).await;
+            let read = stream.read_exact(&mut answer).await;
+            assert!(
+                asked.is_ok() && read.is_ok() && answer == HEALTHY,
+                "the daemon stopped answering /health: {asked:?} {read:?} {}",
+                show(&answer)
+            );
         });
     }
 }

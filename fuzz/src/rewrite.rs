@@ -136,7 +136,10 @@ pub fn check_rewrite(
     }
     let upgrade = inp.version == 1
         && inp.has("upgrade")
-        && nominated.iter().any(|t| t.eq_ignore_ascii_case(b"upgrade"));
+        && inp
+            .connection_options()
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(b"upgrade"));
     let upgrades: Vec<&[u8]> = if upgrade {
         inp.values("upgrade").collect()
     } else {

@@ -182,8 +182,15 @@ pub(crate) struct ConnectionTokens {
 
 impl ConnectionTokens {
     pub(crate) fn add(&mut self, value: &[u8]) {
+        // As hyper reads it: a value that is not visible ASCII (obs-text) names no
+        // connection option, so both agree on where the connection ends.
+        let visible = value
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
         for t in tokens(value) {
-            if t.eq_ignore_ascii_case(b"close") {
+            if !visible {
+                self.names_fields = true;
+            } else if t.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if t.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;

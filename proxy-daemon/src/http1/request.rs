@@ -381,6 +381,14 @@ mod tests {
         assert!(up.upgrade);
         assert!(!ok("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
         assert!(!ok("GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        // A value with obs-text names no option (hyper does not read it either).
+        let obs = |raw: &[u8]| parse(raw, 65536).unwrap().unwrap();
+        assert!(!obs(b"GET / HTTP/1.0\r\nConnection: keep-alive, \xff\r\n\r\n").keep_alive);
+        assert!(obs(b"GET / HTTP/1.1\r\nConnection: close, \xff\r\n\r\n").keep_alive);
+        assert!(
+            !obs(b"GET / HTTP/1.1\r\nConnection: upgrade, \xff\r\nUpgrade: websocket\r\n\r\n")
+                .upgrade
+        );
     }
 
     #[test]
