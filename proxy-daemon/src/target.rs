@@ -42,10 +42,12 @@ pub fn parse_target(raw: &str) -> Result<u16, TargetError> {
     if value.is_empty() {
         return Err(TargetError::Missing);
     }
-    // `<port>__<rest>`: only when `__` starts after the first character.
-    if let Some(at) = value
-        .get(1..)
-        .and_then(|tail| tail.find("__"))
+    // `<port>__<rest>`: only when `__` starts after the first character. Searched in the
+    // bytes: `_` is ASCII, so byte 1 on is "after the first character" even when that one
+    // takes several bytes (`é__x` is a bad port, not a bare name).
+    if let Some(at) = value.as_bytes()[1..]
+        .windows(2)
+        .position(|w| w == b"__")
         .map(|i| i + 1)
     {
         let (port, rest) = (&value[..at], &value[at + 2..]);
@@ -109,6 +111,9 @@ mod tests {
             ("8 0__x", Err(Invalid)),
             ("99999999999999999999__x", Err(Invalid)),
             ("localhost:80__x", Err(Invalid)),
+            // the first character is not ASCII: still `<port>__<rest>`
+            ("é__x", Err(Invalid)),
+            ("\u{2c2}__\u{1}", Err(Invalid)),
             // `__` at the very start is not the port form: a bare name → 3000
             ("__x", Ok(3000)),
             // <host>:<port>

@@ -3,6 +3,7 @@
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod soak;
 
 use std::path::{Path, PathBuf};
@@ -33,7 +34,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run every test: unit tests, netns integration tests (as root), fast-path torture
-    /// suite (short form), the benchmark smoke run and the quick soak.
+    /// suite (short form), a short run of every fuzz target, the benchmark smoke run and
+    /// the quick soak.
     Test {
         /// Skip the `bench --quick` smoke run.
         #[arg(long)]
@@ -41,9 +43,28 @@ enum Cmd {
         /// Skip the `soak --quick` run (about 60 s).
         #[arg(long)]
         no_soak: bool,
+        /// Skip the short fuzz run (20 s per target).
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments passed to `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
+    },
+    /// Run the libFuzzer targets of fuzz/ (installs nightly and cargo-fuzz if missing);
+    /// corpus, crash inputs and logs under target/fuzz/ (docs/fuzzing.md).
+    Fuzz {
+        /// Minutes per target.
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+        /// Run each target for this many inputs instead (the recorded runs: 10000000).
+        #[arg(long, conflicts_with = "minutes")]
+        runs: Option<u64>,
+        /// One target only (target_grammar, header_rewrite, framing_vs_hyper, front_end).
+        #[arg(long)]
+        target: Option<String>,
+        /// cargo-fuzz sanitizer: none (the recorded runs) or address.
+        #[arg(long, default_value = "none")]
+        sanitizer: String,
     },
     /// The long fast-path torture run (many repetitions of the bulk and close cases).
     Torture,
@@ -120,10 +141,18 @@ fn main() -> Result<()> {
         Cmd::Test {
             no_bench,
             no_soak,
+            no_fuzz,
             cargo_args,
         } => {
             let binary = build_daemon()?;
             cargo_test(&binary, &cargo_args, &[])?;
+            if !no_fuzz && cargo_args.is_empty() {
+                fuzz::run(&fuzz::Options {
+                    targets: fuzz::TARGETS.iter().map(|t| t.to_string()).collect(),
+                    budget: fuzz::Budget::Seconds(20),
+                    sanitizer: "none".into(),
+                })?;
+            }
             if !no_bench && cargo_args.is_empty() {
                 bench::run(true)?;
             }
@@ -134,6 +163,26 @@ fn main() -> Result<()> {
                     out: None,
                 })?;
             }
+        }
+        Cmd::Fuzz {
+            minutes,
+            runs,
+            target,
+            sanitizer,
+        } => {
+            let budget = match runs {
+                Some(n) => fuzz::Budget::Runs(n),
+                None => fuzz::Budget::Seconds((minutes * 60.0).round().max(1.0) as u64),
+            };
+            let targets = match target {
+                Some(t) => vec![t],
+                None => fuzz::TARGETS.iter().map(|t| t.to_string()).collect(),
+            };
+            fuzz::run(&fuzz::Options {
+                targets,
+                budget,
+                sanitizer,
+            })?;
         }
         Cmd::Torture => {
             let binary = build_daemon()?;

@@ -2,15 +2,18 @@
 //! byte; this follows them to find where they end and refuses anything two parsers could
 //! read differently: CRLF is required everywhere (no bare LF or CR), sizes are checked for
 //! overflow, extensions and trailer fields may not contain control bytes, trailers may not
-//! be folded. It accepts what hyper's decoder accepts and refuses, in addition, bare LF
-//! inside extensions and trailers and folded trailers.
+//! be folded and each is `name: value` with a token name. It accepts only what hyper's
+//! decoder accepts (its limits included) and refuses, in addition, bare LF and control
+//! bytes inside extensions and trailers and folded trailers (`fuzz/`'s framing target
+//! holds the two side by side).
 
 use std::ops::Range;
 
-/// Total chunk-extension bytes allowed in one body (hyper's limit).
+/// Chunk-extension bytes in one body: this many is too many (hyper's limit).
 const MAX_EXTENSION_BYTES: u32 = 16 * 1024;
-/// Trailer section limits.
-const MAX_TRAILER_BYTES: u32 = 64 * 1024;
+/// Trailer section limits (hyper's): bytes from the first trailer byte to the final LF
+/// (this many is too many), and fields.
+const MAX_TRAILER_BYTES: u32 = 16 * 1024;
 const MAX_TRAILER_FIELDS: u32 = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +40,9 @@ enum State {
     DataLf,
     /// At the start of a trailer line (or of the final empty line).
     TrailerStart,
+    /// In a trailer field's name, until its colon.
+    TrailerName,
+    /// In a trailer field's value, until CR.
     TrailerLine,
     TrailerLf,
     EndLf,
@@ -158,27 +164,53 @@ impl Chunked {
                 _ => return Err(ChunkError("chunk data not followed by CRLF")),
             },
             TrailerStart => match b {
-                b'\r' => EndLf,
+                b'\r' => {
+                    self.trailer_byte()?;
+                    EndLf
+                }
                 b' ' | b'\t' => return Err(ChunkError("folded trailer field")),
                 b':' => return Err(ChunkError("trailer field without a name")),
-                _ => {
+                _ if is_tchar(b) => {
                     self.trailer_fields += 1;
                     if self.trailer_fields > MAX_TRAILER_FIELDS {
                         return Err(ChunkError("too many trailer fields"));
                     }
-                    self.trailer_byte(b)?
+                    self.trailer_byte()?;
+                    TrailerName
                 }
+                0..=0x1f | 0x7f => return Err(ChunkError("control byte in trailer field")),
+                _ => return Err(ChunkError("invalid trailer field name")),
             },
-            TrailerLine => match b {
-                b'\r' => TrailerLf,
-                _ => self.trailer_byte(b)?,
-            },
+            TrailerName => {
+                self.trailer_byte()?;
+                match b {
+                    b':' => TrailerLine,
+                    _ if is_tchar(b) => TrailerName,
+                    0..=0x1f | 0x7f => return Err(ChunkError("control byte in trailer field")),
+                    _ => return Err(ChunkError("invalid trailer field name")),
+                }
+            }
+            TrailerLine => {
+                self.trailer_byte()?;
+                match b {
+                    b'\r' => TrailerLf,
+                    b'\t' => TrailerLine,
+                    0..=0x1f | 0x7f => return Err(ChunkError("control byte in trailer field")),
+                    _ => TrailerLine,
+                }
+            }
             TrailerLf => match b {
-                b'\n' => TrailerStart,
+                b'\n' => {
+                    self.trailer_byte()?;
+                    TrailerStart
+                }
                 _ => return Err(ChunkError("trailer field not ended by CRLF")),
             },
             EndLf => match b {
-                b'\n' => Done,
+                b'\n' => {
+                    self.trailer_byte()?;
+                    Done
+                }
                 _ => return Err(ChunkError("chunked body not ended by CRLF")),
             },
             Done => return Err(ChunkError("bytes after the end")),
@@ -187,22 +219,28 @@ impl Chunked {
 
     fn extension_byte(&mut self, n: u64) -> Result<State, ChunkError> {
         self.extension_bytes += 1;
-        if self.extension_bytes > MAX_EXTENSION_BYTES {
+        if self.extension_bytes >= MAX_EXTENSION_BYTES {
             return Err(ChunkError("chunk extensions too long"));
         }
         Ok(State::Extension(n))
     }
 
-    fn trailer_byte(&mut self, b: u8) -> Result<State, ChunkError> {
-        if b != b'\t' && (b < 0x20 || b == 0x7f) {
-            return Err(ChunkError("control byte in trailer field"));
+    /// Counts a byte of the trailer section (none when the body has no trailer field).
+    fn trailer_byte(&mut self) -> Result<(), ChunkError> {
+        if self.trailer_fields == 0 {
+            return Ok(());
         }
         self.trailer_bytes += 1;
-        if self.trailer_bytes > MAX_TRAILER_BYTES {
+        if self.trailer_bytes >= MAX_TRAILER_BYTES {
             return Err(ChunkError("trailer section too large"));
         }
-        Ok(State::TrailerLine)
+        Ok(())
     }
+}
+
+/// A field-name character (RFC 9110 §5.6.2 `tchar`).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -239,6 +277,29 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_hypers() {
+        // Extension bytes: one under the limit passes, the limit is refused.
+        let ext = |n: u32| format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(n as usize));
+        assert!(
+            run(ext(MAX_EXTENSION_BYTES - 1).as_bytes(), 4096)
+                .unwrap()
+                .2
+        );
+        assert!(run(ext(MAX_EXTENSION_BYTES).as_bytes(), 4096).is_err());
+        // The trailer section counts every byte from its first to the final LF.
+        let trailers = |total: u32| {
+            let value = "v".repeat(total as usize - "X: \r\n\r\n".len());
+            format!("0\r\nX: {value}\r\n\r\n")
+        };
+        assert!(
+            run(trailers(MAX_TRAILER_BYTES - 1).as_bytes(), 4096)
+                .unwrap()
+                .2
+        );
+        assert!(run(trailers(MAX_TRAILER_BYTES).as_bytes(), 4096).is_err());
+    }
+
+    #[test]
     fn valid_bodies_any_split() {
         let body =
             b"5;name=\"v\"\r\nhello\r\n00006 \r\n world\r\n0\r\nX-T: 1\r\nY: 2\r\n\r\nGET /next";
@@ -261,6 +322,10 @@ mod tests {
             b"0\r\n\n",
             b"0\r\nX: a\nb\r\n\r\n",
             b"0\r\n folded\r\n\r\n",
+            b"0\r\nX y: z\r\n\r\n",
+            b"0\r\nnocolon\r\n\r\n",
+            b"0\r\nX(y): z\r\n\r\n",
+            b"0\r\nX: a\x7fb\r\n\r\n",
             b"5;a\nb\r\nhello\r\n0\r\n\r\n",
             b"ffffffffffffffff0\r\n",
             b"10000000000000000\r\n",

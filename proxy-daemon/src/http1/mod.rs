@@ -21,6 +21,8 @@ pub mod request;
 pub mod response;
 pub mod write;
 
+use std::collections::HashMap;
+
 /// Most header fields accepted in one head (hyper's default too); more → 431.
 pub const MAX_HEADERS: usize = 100;
 
@@ -180,8 +182,15 @@ pub(crate) struct ConnectionTokens {
 
 impl ConnectionTokens {
     pub(crate) fn add(&mut self, value: &[u8]) {
+        // As hyper reads it: a value that is not visible ASCII (obs-text) names no
+        // connection option, so both agree on where the connection ends.
+        let visible = value
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
         for t in tokens(value) {
-            if t.eq_ignore_ascii_case(b"close") {
+            if !visible {
+                self.names_fields = true;
+            } else if t.eq_ignore_ascii_case(b"close") {
                 self.close = true;
             } else if t.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
@@ -194,31 +203,34 @@ impl ConnectionTokens {
     }
 }
 
-/// Marks fields named by `Connection` tokens (other than the standard ones) as dropped.
-/// Rare, so done in a second pass only when some token names a field.
+/// Marks fields named by `Connection` tokens (other than the standard ones) as dropped,
+/// however many tokens there are. Rare, so done in a second pass only when some token
+/// names a field; linear in tokens and fields (a head may carry thousands of tokens).
 pub(crate) fn drop_nominated(buf: &[u8], fields: &[Field], drop: &mut FieldSet) {
-    let mut nominated: [&[u8]; 16] = [&[]; 16];
-    let mut n = 0;
-    for f in fields {
-        if Known::of(f.name.of(buf)) == Known::Connection {
-            for t in tokens(f.value.of(buf)) {
-                if n < nominated.len() {
-                    nominated[n] = t;
-                    n += 1;
-                }
-            }
-        }
-    }
+    // Field name, lowercase → the fields so named. Framing fields stay whatever a token
+    // says: the body is passed through as it is framed, so its framing must reach the
+    // other side unchanged.
+    let mut named: HashMap<Vec<u8>, Vec<usize>> = HashMap::new();
     for (i, f) in fields.iter().enumerate() {
         let name = f.name.of(buf);
-        // Framing fields stay whatever a token says: the body is passed through as it
-        // is framed, so its framing must reach the other side unchanged.
-        let framing = matches!(
+        if !matches!(
             Known::of(name),
             Known::ContentLength | Known::TransferEncoding
-        );
-        if !framing && nominated[..n].iter().any(|t| t.eq_ignore_ascii_case(name)) {
-            drop.insert(i);
+        ) {
+            named.entry(name.to_ascii_lowercase()).or_default().push(i);
+        }
+    }
+    let mut key = Vec::new();
+    for f in fields {
+        if Known::of(f.name.of(buf)) != Known::Connection {
+            continue;
+        }
+        for t in tokens(f.value.of(buf)) {
+            key.clear();
+            key.extend(t.iter().map(u8::to_ascii_lowercase));
+            for &i in named.get(&key).into_iter().flatten() {
+                drop.insert(i);
+            }
         }
     }
 }

@@ -11,9 +11,12 @@
 use std::mem::MaybeUninit;
 
 use super::{
-    drop_nominated, parse_decimal, tokens, ConnectionTokens, Field, FieldSet, Framing, Known, Span,
+    drop_nominated, parse_decimal, ConnectionTokens, Field, FieldSet, Framing, Known, Span,
     MAX_HEADERS,
 };
+
+/// The largest `Content-Length` accepted (hyper's: larger ones are refused).
+const MAX_CONTENT_LENGTH: u64 = u64::MAX - 2;
 
 /// Why a request head is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +139,7 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
     let mut has_upgrade = false;
     let mut length: Option<u64> = None;
     let mut te_chunked = None::<bool>;
+    let mut request_id_field = 0;
     for (i, h) in req.headers.iter().enumerate() {
         let name = Span::within(buf, h.name.as_bytes());
         let value = Span::within(buf, h.value);
@@ -146,8 +150,9 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
         }
         match known {
             Known::ContentLength => {
-                let n =
-                    parse_decimal(h.value).ok_or(HeadError::Malformed("invalid content-length"))?;
+                let n = parse_decimal(h.value)
+                    .filter(|&n| n <= MAX_CONTENT_LENGTH)
+                    .ok_or(HeadError::Malformed("invalid content-length"))?;
                 match length {
                     None => length = Some(n),
                     Some(prev) if prev == n => head.dropped.insert(i),
@@ -158,12 +163,15 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
                 if !http11 {
                     return Err(HeadError::Malformed("transfer-encoding on HTTP/1.0"));
                 }
-                // The final coding is the last token of the last line.
-                if let Some(last) = tokens(h.value).last() {
-                    te_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
-                } else {
-                    te_chunked = Some(false);
-                }
+                // The final coding is the last line's last list element, as hyper reads
+                // it: an empty one (`chunked,`) is no coding, and a value with obs-text
+                // names none.
+                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                let visible = h
+                    .value
+                    .iter()
+                    .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+                te_chunked = Some(visible && last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             }
             Known::Connection => connection.add(h.value),
             Known::Upgrade => has_upgrade = true,
@@ -183,6 +191,8 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
             Known::RequestId => {
                 if head.request_id != Occurs::Never {
                     head.dropped.insert(i);
+                } else {
+                    request_id_field = i;
                 }
                 head.request_id.add(value);
             }
@@ -221,8 +231,11 @@ pub fn parse(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadErr
     if connection.names_fields {
         drop_nominated(buf, &head.fields, &mut head.dropped);
     }
+    // Reusable unless `Connection` named it (then it is hop-by-hop, not the client's id).
     let reusable = match head.request_id {
-        Occurs::Once(id) => crate::request_id::is_reusable(id.of(buf)),
+        Occurs::Once(id) => {
+            crate::request_id::is_reusable(id.of(buf)) && !head.dropped.contains(request_id_field)
+        }
         _ => false,
     };
     if !reusable && head.request_id != Occurs::Never {
@@ -306,12 +319,23 @@ mod tests {
             "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
             "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 18446744073709551614\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET / HTTP/1.1\r\nX-Folded: a\r\n b\r\n\r\n",
             "GET / HTTP/1.1\r\nX-A: a\rb\r\n\r\n",
-            "GET / HTTP/2.0\r\n\r\n",
         ] {
+            assert!(matches!(err(raw), HeadError::Malformed(_)), "{raw:?}");
+        }
+        // Not valid UTF-8 (obs-text): names no coding.
+        for raw in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: \xff, chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\x80\r\n\r\n",
+        ] {
+            assert!(matches!(parse(raw, 65536), Err(HeadError::Malformed(_))));
+        }
+        for raw in ["GET / HTTP/2.0\r\n\r\n"] {
             assert!(matches!(err(raw), HeadError::Malformed(_)), "{raw:?}");
         }
     }
@@ -357,6 +381,14 @@ mod tests {
         assert!(up.upgrade);
         assert!(!ok("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
         assert!(!ok("GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade);
+        // A value with obs-text names no option (hyper does not read it either).
+        let obs = |raw: &[u8]| parse(raw, 65536).unwrap().unwrap();
+        assert!(!obs(b"GET / HTTP/1.0\r\nConnection: keep-alive, \xff\r\n\r\n").keep_alive);
+        assert!(obs(b"GET / HTTP/1.1\r\nConnection: close, \xff\r\n\r\n").keep_alive);
+        assert!(
+            !obs(b"GET / HTTP/1.1\r\nConnection: upgrade, \xff\r\nUpgrade: websocket\r\n\r\n")
+                .upgrade
+        );
     }
 
     #[test]
@@ -379,6 +411,30 @@ X-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nX-Request-Id: abc\r\nCookie: a\r\nC
             .collect();
         assert_eq!(kept, [&b"X-Request-Id"[..], b"Cookie", b"Content-Length"]);
         assert_eq!(head.path(b), b"/p");
+    }
+
+    #[test]
+    fn connection_names_any_number_of_fields_and_the_request_id() {
+        let names: Vec<String> = (0..40).map(|i| format!("X-{i}")).collect();
+        let raw = format!(
+            "GET / HTTP/1.1\r\nConnection: {}, X-Request-Id\r\n{}X-Request-Id: abc\r\nCookie: a\r\n\r\n",
+            names.join(", "),
+            names.iter().map(|n| format!("{n}: v\r\n")).collect::<String>()
+        );
+        let head = ok(&raw);
+        let kept: Vec<&[u8]> = head
+            .fields()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !head.dropped.contains(*i))
+            .map(|(_, f)| f.name.of(raw.as_bytes()))
+            .collect();
+        assert_eq!(kept, [&b"Cookie"[..]]);
+        assert_eq!(
+            head.request_id,
+            Occurs::Never,
+            "a hop-by-hop id is not reused"
+        );
     }
 
     #[test]
