@@ -4,6 +4,7 @@
 //! atomics (the daemon must take bytes off the count for directions the verdict no longer
 //! sees: quiet ones, and those that left the kernel).
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
@@ -70,18 +71,69 @@ impl<T> Drop for MappedArray<T> {
 pub struct Accounting {
     ledger: MappedArray<Ledger>,
     memory: MappedArray<KernelMemory>,
-    /// Ledger slots not in use by a direction.
-    free: Mutex<Vec<u32>>,
+    slots: Mutex<Slots>,
+}
+
+/// Who uses which ledger slot.
+struct Slots {
+    /// Slots not in use by a direction.
+    free: Vec<u32>,
+    /// No slot is handed out any more: the maps are moving to a successor.
+    frozen: bool,
+    /// Slots the daemon taken over was using that no adopted direction has claimed
+    /// yet: freed once that daemon is done (its own tunnels that ended freed them).
+    unclaimed: HashSet<u32>,
 }
 
 impl Accounting {
     pub fn new(ledger: MappedArray<Ledger>, memory: MappedArray<KernelMemory>) -> Self {
-        let free = (0..ledger.len as u32).rev().collect();
+        Self::adopted(ledger, memory, &[])
+    }
+
+    /// The accounting of maps taken over from another daemon, which used `used`.
+    pub fn adopted(
+        ledger: MappedArray<Ledger>,
+        memory: MappedArray<KernelMemory>,
+        used: &[u32],
+    ) -> Self {
+        let unclaimed: HashSet<u32> = used.iter().copied().collect();
+        let free = (0..ledger.len as u32)
+            .rev()
+            .filter(|s| !unclaimed.contains(s))
+            .collect();
         Accounting {
             ledger,
             memory,
-            free: Mutex::new(free),
+            slots: Mutex::new(Slots {
+                free,
+                frozen: false,
+                unclaimed,
+            }),
         }
+    }
+
+    /// Stops handing out slots and returns those in use (for a successor).
+    pub fn freeze(&self) -> Vec<u32> {
+        let mut slots = self.slots.lock().unwrap();
+        slots.frozen = true;
+        let free: HashSet<u32> = slots.free.iter().copied().collect();
+        (0..self.ledger.len as u32)
+            .filter(|s| !free.contains(s))
+            .collect()
+    }
+
+    /// An adopted direction uses `slot`.
+    pub fn claim(&self, slot: u32) {
+        self.slots.lock().unwrap().unclaimed.remove(&slot);
+    }
+
+    /// The daemon taken over is done: slots it used that no adopted direction claimed
+    /// are free. Returns how many.
+    pub fn release_unclaimed(&self) -> usize {
+        let mut slots = self.slots.lock().unwrap();
+        let unclaimed: Vec<u32> = slots.unclaimed.drain().collect();
+        slots.free.extend(&unclaimed);
+        unclaimed.len()
     }
 
     fn memory(&self) -> &KernelMemory {
@@ -91,7 +143,13 @@ impl Accounting {
     /// A zeroed ledger slot for a new direction; `None` when every slot is taken (the
     /// maps are full: the tunnel uses the userspace relay).
     pub fn take_slot(&self) -> Option<u32> {
-        let slot = self.free.lock().unwrap().pop()?;
+        let slot = {
+            let mut slots = self.slots.lock().unwrap();
+            if slots.frozen {
+                return None;
+            }
+            slots.free.pop()?
+        };
         let l = self.ledger.get(slot).expect("slot in range");
         l.redirected.store(0, Relaxed);
         l.delivered.store(0, Relaxed);
@@ -102,7 +160,7 @@ impl Accounting {
     /// Gives a slot back. Only once no verdict can reach it (its direction is out of the
     /// map) and it was [`settle_all`](Self::settle_all)ed.
     pub fn free_slot(&self, slot: u32) {
-        self.free.lock().unwrap().push(slot);
+        self.slots.lock().unwrap().free.push(slot);
     }
 
     /// Bytes the verdict counted as redirected in `slot`.
