@@ -172,7 +172,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     // The sockets: inherited from the running daemon (takeover), or new.
     let mut inherited = None;
-    let (listeners, admin) = if args.takeover {
+    let take_over = args.takeover
+        || (args.takeover_if_running
+            && takeover::answers(
+                args.control_socket
+                    .as_deref()
+                    .expect("clap: --takeover-if-running requires it"),
+            )
+            .await);
+    let (listeners, admin) = if take_over {
         let path = args
             .control_socket
             .as_deref()
@@ -219,7 +227,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listen: SocketAddr = listeners[0].local_addr()?;
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     let control = match &args.control_socket {
-        Some(path) => Some(takeover::bind(path, args.takeover).await?),
+        Some(path) => Some(takeover::bind(path, take_over).await?),
         None => None,
     };
     let capacity = Capacity::new(files.soft);
@@ -228,7 +236,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         listen = %listen,
         admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
         workers,
-        took_over = args.takeover,
+        took_over = take_over,
         data_path = relay.name(),
         data_path_reason = %reason,
         splice = ?args.splice,
@@ -456,7 +464,9 @@ fn start_successor(args: &Args) {
     let Some(program) = argv.next() else {
         return;
     };
-    let rest: Vec<std::ffi::OsString> = argv.filter(|a| a != "--takeover").collect();
+    let rest: Vec<std::ffi::OsString> = argv
+        .filter(|a| a != "--takeover" && a != "--takeover-if-running")
+        .collect();
     let mut command = tokio::process::Command::new(&program);
     command.args(rest).arg("--takeover");
     match command.spawn() {

@@ -134,12 +134,17 @@ pub async fn connect(path: &Path) -> anyhow::Result<Inherited> {
     })
 }
 
+/// Whether a daemon answers on the control socket `path`.
+pub async fn answers(path: &Path) -> bool {
+    UnixStream::connect(path).await.is_ok()
+}
+
 /// Running side: the control socket, root-only. A stale socket file (nobody answers) is
 /// replaced; a live one means another daemon runs there, unless `replacing` it (a
 /// successor binds the path the daemon it took over still holds open).
 pub async fn bind(path: &Path, replacing: bool) -> anyhow::Result<UnixListener> {
     if path.exists() {
-        if !replacing && UnixStream::connect(path).await.is_ok() {
+        if !replacing && answers(path).await {
             bail!(
                 "another daemon answers on {}: start with --takeover to replace it",
                 path.display()
@@ -176,6 +181,8 @@ pub async fn accept(listener: &UnixListener) -> anyhow::Result<(Channel, u32)> {
                 tracing::info!(successor_pid = pid, successor_version = %version, "takeover requested");
                 return Ok((channel, pid));
             }
+            // Someone checking whether a daemon answers (`--takeover-if-running`).
+            Ok(None) => tracing::debug!("control socket: probed"),
             other => tracing::warn!(ok = other.is_ok(), "control socket: not a takeover request"),
         }
     }
