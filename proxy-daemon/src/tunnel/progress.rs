@@ -230,3 +230,34 @@ fn read_exactly(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a paused relay hands over: the held bytes not yet written, then the pipe's,
+    /// in stream order; nothing is left behind.
+    #[test]
+    fn take_returns_held_then_piped_bytes() {
+        let way = WayProgress::new(PathState::Splice, Vec::new(), None);
+        way.hold(b"0123456789".to_vec(), 8);
+        // Three of the eight held bytes were written.
+        way.inner.lock().unwrap().start = 3;
+        let (_, write) = way.pipe().unwrap();
+        // SAFETY: a write to the pipe we just created.
+        let n = unsafe { libc::write(write, b"abcdef".as_ptr().cast(), 6) };
+        assert_eq!(n, 6);
+        way.filled(6);
+        way.drained(2); // two went out: what remains in the pipe is "cdef"
+        let mut two = [0u8; 2];
+        let (read, _) = way.pipe().unwrap();
+        // SAFETY: a read from our pipe into a stack buffer.
+        assert_eq!(unsafe { libc::read(read, two.as_mut_ptr().cast(), 2) }, 2);
+        let (path, bytes, kernel) = way.take().unwrap();
+        assert_eq!(path, PathState::Splice);
+        assert_eq!(bytes, b"34567cdef");
+        assert_eq!(kernel, None);
+        assert_eq!(way.in_pipe(), 0);
+        assert_eq!(way.take().unwrap().1, b"", "taken once");
+    }
+}

@@ -229,3 +229,54 @@ impl Accounting {
         self.memory().events_missed.load(Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// Shared memory standing in for a `BPF_F_MMAPABLE` array.
+    fn memory(bytes: usize) -> OwnedFd {
+        // SAFETY: memfd_create with a static name; the fd is ours.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: sizing the memfd we own.
+        assert_eq!(unsafe { libc::ftruncate(fd, bytes as libc::off_t) }, 0);
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn accounting(used: &[u32]) -> Accounting {
+        let slots = 8u32;
+        let ledger = MappedArray::new(memory(4096), slots).unwrap();
+        let mem = MappedArray::new(memory(4096), 1).unwrap();
+        Accounting::adopted(ledger, mem, used)
+    }
+
+    /// Takeover: the running daemon freezes allocation and names the slots in use; the
+    /// successor never hands those out until the daemon taken over is done, and then
+    /// frees only the ones no adopted direction claimed.
+    #[test]
+    fn slots_move_with_a_takeover() {
+        let old = accounting(&[]);
+        let a = old.take_slot().unwrap();
+        let b = old.take_slot().unwrap();
+        let c = old.take_slot().unwrap();
+        old.free_slot(b);
+        let used = old.freeze();
+        assert_eq!(old.take_slot(), None, "frozen");
+        let mut expected = vec![a, c];
+        expected.sort();
+        assert_eq!(used, expected);
+
+        let new = accounting(&used);
+        new.claim(a);
+        let mut got: Vec<u32> = std::iter::from_fn(|| new.take_slot()).collect();
+        got.sort();
+        assert!(!got.contains(&a) && !got.contains(&c), "{got:?}");
+        assert_eq!(got.len(), 6);
+        // `c`'s tunnel ended in the old daemon: freed once it is done; `a` stays in use.
+        assert_eq!(new.release_unclaimed(), 1);
+        assert_eq!(new.take_slot(), Some(c));
+        assert_eq!(new.take_slot(), None);
+    }
+}
