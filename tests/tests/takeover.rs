@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// Takeovers per run.
 const ROUNDS: usize = 10;
 /// Paced tunnels (small messages both ways: the kernel splices them throughout).
-const PACED: usize = 188;
+const PACED: usize = 184;
 /// Bulk tunnels (fast writers, slow readers: both directions go to splice(2)).
 const BULK: usize = 4;
 /// Half-closed tunnels, each way.
@@ -43,6 +43,10 @@ const HALF: usize = 4;
 const WEBSOCKETS: usize = 8;
 /// Tunnels opened by requests in flight during the first takeover.
 const LATE: usize = 4;
+/// Tunnels that burst as a takeover begins.
+const BURSTS: usize = 4;
+/// The takeover during which they burst.
+const BURST_ROUND: usize = 3;
 
 const HTTP_PORT: u16 = 4096;
 const WS_PORT: u16 = 4097;
@@ -84,6 +88,10 @@ enum Kind {
     ClientDone,
     /// The upstream half-closes its direction before the first takeover.
     UpstreamDone,
+    /// Paced, then one burst each way (its readers stall) as a takeover begins: the
+    /// kernel asks for the hand-off while the daemon taken over no longer reads the
+    /// event ring, or before the successor watches the direction; it must not be lost.
+    Burst,
     /// Paced, opened by a request still in flight in the daemon taken over when the
     /// first takeover begins (its upstream answers late, with bytes in the same write
     /// as its 101): the tunnel goes straight to the successor.
@@ -107,7 +115,7 @@ fn seeds(n: usize) -> (u64, u64) {
 }
 
 /// How a writer writes.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Pace {
     /// Largest write; each is 1..=max bytes.
     max: usize,
@@ -115,7 +123,12 @@ struct Pace {
     gap: Duration,
     /// Stop (and half-close) after this many bytes, even before `stop`.
     limit: Option<u64>,
+    /// Once this flag is set, one burst of [`BURST`] bytes at once.
+    burst: Option<Arc<AtomicBool>>,
 }
+
+/// Bytes of a burst: past the fast path's 2 MiB budget while its reader stalls.
+const BURST: u64 = 8 << 20;
 
 /// Writes stream `seed` from `at` until `stop` (or its limit), then half-closes.
 async fn write_stream(
@@ -127,11 +140,16 @@ async fn write_stream(
     pace: Pace,
 ) -> Result<()> {
     let mut x = seed | 1;
+    let mut burst = pace.burst;
     while !stop.load(Ordering::Relaxed) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let mut n = (x % pace.max as u64) + 1;
+        if burst.as_ref().is_some_and(|b| b.load(Ordering::Relaxed)) {
+            burst = None;
+            n = BURST;
+        }
         if let Some(limit) = pace.limit {
             if at >= limit {
                 break;
@@ -159,6 +177,7 @@ async fn read_stream(
     early: Vec<u8>,
     flow: Arc<Flow>,
     slow: bool,
+    mut stall_on: Option<Arc<AtomicBool>>,
 ) -> Result<()> {
     let mut v = Verifier::new(seed);
     v.feed(&early)?;
@@ -175,6 +194,11 @@ async fn read_stream(
         flow.received.store(v.received, Ordering::Relaxed);
         if slow {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if stall_on.as_ref().is_some_and(|b| b.load(Ordering::Relaxed)) {
+            // The burst goes over the fast path's budget: the kernel asks for a hand-off.
+            stall_on = None;
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
     flow.ended.store(true, Ordering::Relaxed);
@@ -273,9 +297,10 @@ async fn open_tunnel(
     n: usize,
     kind: Kind,
     stop: &Arc<AtomicBool>,
+    burst: &Arc<AtomicBool>,
 ) -> Result<Planned> {
     let client = request_upgrade(topo, addr, upstreams.port, n, kind).await?;
-    finish_tunnel(client, upstreams, n, kind, stop.clone()).await
+    finish_tunnel(client, upstreams, n, kind, stop.clone(), burst).await
 }
 
 /// Sends tunnel `n`'s upgrade request.
@@ -303,6 +328,7 @@ async fn finish_tunnel(
     n: usize,
     kind: Kind,
     stop: Arc<AtomicBool>,
+    burst: &Arc<AtomicBool>,
 ) -> Result<Planned> {
     let request_id = format!("takeover-{n}");
     let (head, early) = read_head(&mut client).await?;
@@ -316,23 +342,31 @@ async fn finish_tunnel(
         max: 2048,
         gap: Duration::from_millis(30),
         limit: None,
+        burst: None,
     };
     let bulk = Pace {
         max: 64 * 1024,
         gap: Duration::ZERO,
         limit: None,
+        burst: None,
+    };
+    let bursting = Pace {
+        burst: Some(burst.clone()),
+        ..paced.clone()
     };
     let early_end = Pace {
         limit: Some(100_000 + n as u64),
-        ..paced
+        ..paced.clone()
     };
     let (up_pace, down_pace) = match kind {
-        Kind::Paced | Kind::Late => (paced, paced),
-        Kind::Bulk => (bulk, bulk),
+        Kind::Paced | Kind::Late => (paced.clone(), paced),
+        Kind::Bulk => (bulk.clone(), bulk),
         Kind::ClientDone => (early_end, paced),
         Kind::UpstreamDone => (paced, early_end),
+        Kind::Burst => (bursting.clone(), bursting),
     };
     let slow = kind == Kind::Bulk;
+    let stall = (kind == Kind::Burst).then(|| burst.clone());
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let tasks = vec![
@@ -344,7 +378,14 @@ async fn finish_tunnel(
             stop.clone(),
             up_pace,
         )),
-        tokio::spawn(read_stream(ur, up_seed, Vec::new(), up.clone(), slow)),
+        tokio::spawn(read_stream(
+            ur,
+            up_seed,
+            Vec::new(),
+            up.clone(),
+            slow,
+            stall.clone(),
+        )),
         tokio::spawn(write_stream(
             uw,
             down_seed,
@@ -353,7 +394,7 @@ async fn finish_tunnel(
             stop.clone(),
             down_pace,
         )),
-        tokio::spawn(read_stream(cr, down_seed, early, down.clone(), slow)),
+        tokio::spawn(read_stream(cr, down_seed, early, down.clone(), slow, stall)),
     ];
     Ok(Planned {
         request_id,
@@ -703,15 +744,17 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
     let _ws_app = HttpApp::start(topo.machine.listen(v4(WS_PORT))?)?;
     let upstreams = Upstreams::start(topo.machine.listen(v4(0))?)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let burst = Arc::new(AtomicBool::new(false));
 
-    // The tunnels: paced, bulk, half-closed each way.
+    // The tunnels: paced, bulk, half-closed each way, bursting.
     let mut tunnels = Vec::new();
     let kinds = std::iter::repeat_n(Kind::Paced, PACED)
         .chain(std::iter::repeat_n(Kind::Bulk, BULK))
         .chain(std::iter::repeat_n(Kind::ClientDone, HALF))
-        .chain(std::iter::repeat_n(Kind::UpstreamDone, HALF));
+        .chain(std::iter::repeat_n(Kind::UpstreamDone, HALF))
+        .chain(std::iter::repeat_n(Kind::Burst, BURSTS));
     for (n, kind) in kinds.enumerate() {
-        tunnels.push(open_tunnel(&topo, addr, &upstreams, n, kind, &stop).await?);
+        tunnels.push(open_tunnel(&topo, addr, &upstreams, n, kind, &stop, &burst).await?);
     }
     let echoed = Arc::new(AtomicU64::new(0));
     let sockets: Vec<_> = (0..WEBSOCKETS)
@@ -807,13 +850,18 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
+        if round == BURST_ROUND {
+            burst.store(true, Ordering::Relaxed);
+        }
         let next = Daemon::start(&topo, &takeover_args, &[]).await?;
         if round == 0 {
             old.log_containing("shutting down: stopped accepting")
                 .await?;
             upstreams.release_late();
             for (n, client) in late {
-                tunnels.push(finish_tunnel(client, &upstreams, n, Kind::Late, stop.clone()).await?);
+                tunnels.push(
+                    finish_tunnel(client, &upstreams, n, Kind::Late, stop.clone(), &burst).await?,
+                );
             }
             live_count += LATE;
         }
@@ -953,6 +1001,14 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
             let (up, down) = (&v["client_to_upstream_path"], &v["upstream_to_client_path"]);
             match t.kind {
                 Kind::Bulk => ensure!(handed_to_splice(up) && handed_to_splice(down), "{v}"),
+                // Whichever process saw the request, the direction left the kernel.
+                Kind::Burst => ensure!(
+                    handed_to_splice(up)
+                        && handed_to_splice(down)
+                        && v["client_to_upstream_handoff"] == "budget"
+                        && v["upstream_to_client_handoff"] == "budget",
+                    "{v}"
+                ),
                 _ => ensure!(up == "kernel" && down == "kernel", "{v}"),
             }
         }
@@ -1076,7 +1132,8 @@ async fn sigusr2_upgrade_under_a_restarting_supervisor() -> Result<()> {
     let _http = RecordingApp::start(topo.machine.listen(v4(HTTP_PORT))?, None);
     let upstreams = Upstreams::start(topo.machine.listen(v4(0))?)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tunnel = open_tunnel(&topo, addr, &upstreams, 0, Kind::Paced, &stop).await?;
+    let no_burst = Arc::new(AtomicBool::new(false));
+    let mut tunnel = open_tunnel(&topo, addr, &upstreams, 0, Kind::Paced, &stop, &no_burst).await?;
 
     // The upgrade.
     supervised.signal(libc::SIGUSR2);
