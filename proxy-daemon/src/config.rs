@@ -123,6 +123,18 @@ pub struct Args {
     )]
     pub takeover: bool,
 
+    /// Take over (as `--takeover`) if a daemon answers on `--control-socket`, else start
+    /// fresh. For supervisors that follow one process id and restart it when it exits
+    /// (pidnap): after a `SIGUSR2` upgrade the process they started exits 0, and the one
+    /// they start again takes everything over from its successor (docs/operations.md).
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECT_INGRESS_PROXY_TAKEOVER_IF_RUNNING",
+        requires = "control_socket"
+    )]
+    pub takeover_if_running: bool,
+
     /// Admin interface (plain HTTP): `GET /metrics` (Prometheus), `GET /debug/tunnels`
     /// (JSON), `GET /ready` (200 serving, 503 draining). `off` disables it. Keep it on
     /// loopback; the proxy never routes a request to it.

@@ -172,7 +172,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     // The sockets: inherited from the running daemon (takeover), or new.
     let mut inherited = None;
-    let (listeners, admin) = if args.takeover {
+    let take_over = args.takeover
+        || (args.takeover_if_running
+            && takeover::answers(
+                args.control_socket
+                    .as_deref()
+                    .expect("clap: --takeover-if-running requires it"),
+            )
+            .await);
+    let (listeners, admin) = if take_over {
         let path = args
             .control_socket
             .as_deref()
@@ -197,9 +205,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         None => (None, None),
     };
     let DataPath { relay, reason } = match inherited_maps {
-        Some((maps, budget)) => DataPath {
+        Some(fast_path) => DataPath {
             relay: Relay::Ebpf(Arc::new(
-                ebpf::Splicer::adopt(maps, budget)
+                ebpf::Splicer::adopt(fast_path.maps, fast_path.settings, &fast_path.used_slots)
                     .context("--takeover: adopting the fast path's maps")?,
             )),
             reason: "inherited from the daemon taken over".into(),
@@ -219,15 +227,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listen: SocketAddr = listeners[0].local_addr()?;
     let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     let control = match &args.control_socket {
-        Some(path) => Some(takeover::bind(path, args.takeover).await?),
+        Some(path) => Some(takeover::bind(path, take_over).await?),
         None => None,
     };
     let capacity = Capacity::new(files.soft);
     tracing::info!(
+        pid = std::process::id(),
         listen = %listen,
         admin = %admin_addr.map_or("off".to_owned(), |a| a.to_string()),
         workers,
-        took_over = args.takeover,
+        took_over = take_over,
         data_path = relay.name(),
         data_path_reason = %reason,
         splice = ?args.splice,
@@ -288,8 +297,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let exit = CancellationToken::new();
     let mut threads = Vec::with_capacity(workers);
+    let mut worker_loops = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {
-        threads.push(server::spawn_worker(i, listener, shared, exit.clone())?);
+        let (thread, event_loop) = server::spawn_worker(i, listener, shared, exit.clone())?;
+        threads.push(thread);
+        worker_loops.push(event_loop);
     }
     let admin_task = match admin {
         Some(admin) => {
@@ -302,7 +314,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let Some(channel) = handover_channel {
         // The tunnels of the daemon taken over arrive now; it exits after `Done`.
         tokio::spawn(async move {
-            match shared.tunnels.adopt_all(&channel).await {
+            match shared
+                .tunnels
+                .adopt_all(channel, shared.capacity, worker_loops)
+                .await
+            {
                 Ok(n) => tracing::info!(
                     tunnels = n,
                     "takeover complete: the previous daemon is done"
@@ -343,6 +359,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigusr2 = signal(SignalKind::user_defined2())?;
     let mut successor = None;
     loop {
         tokio::select! {
@@ -362,6 +379,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 break;
             }
             _ = sighup.recv() => reload(&args, shared),
+            _ = sigusr2.recv() => start_successor(&args),
             accepted = async { takeover::accept(control.as_ref().unwrap()).await }, if control.is_some() => {
                 match accepted {
                     Ok((channel, _pid)) => {
@@ -375,18 +393,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
 
     admin::READY.store(false, Ordering::Relaxed);
-    if let Some(channel) = &successor {
+    let mut handover = None;
+    if let Some(channel) = successor {
         // Hand over: the sockets first (they never close, so nothing is refused), then
-        // the maps, then stop accepting here.
+        // the maps and every tunnel (new ones go straight on), then stop accepting here.
         drop(control);
-        takeover::send_sockets(channel, &listener_fds, admin_fd.as_ref()).await?;
-        shared.tunnels.send_fast_path(channel).await?;
+        takeover::send_sockets(&channel, &listener_fds, admin_fd.as_ref()).await?;
+        handover = Some(shared.tunnels.hand_over(channel).await);
         if let Some(task) = admin_task {
             task.abort();
         }
     } else {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
+    let handing_over = handover.is_some();
     drop(listener_fds);
     drop(admin_fd);
     shared.draining.store(true, Ordering::Relaxed);
@@ -394,14 +414,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     tracing::info!(
         grace_ms = args.shutdown_grace.as_millis() as u64,
         open_tunnels = shared.tunnels.open(),
-        handing_over = successor.is_some(),
+        handing_over,
         "shutting down: stopped accepting"
     );
     shared.connections.close();
-    if let Some(channel) = &successor {
-        // Every live tunnel moves now; tunnels that draining requests still open follow.
-        shared.tunnels.hand_over(channel).await;
-    }
+    // Draining: in-flight requests finish within the grace period; during a takeover
+    // every tunnel moves on at once (a tunnel a draining request opens follows).
     let drain = async {
         shared.connections.wait().await;
         shared.tunnels.wait_idle().await;
@@ -417,16 +435,61 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         shared.force_close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), shared.connections.wait()).await;
     }
-    if let Some(channel) = &successor {
-        shared.tunnels.finish_hand_over(channel).await;
-    }
+    let handed_over = match handover {
+        Some(handover) => Some(shared.tunnels.finish_hand_over(handover).await),
+        None => None,
+    };
     shared.tunnels.close_all().await;
     exit.cancel();
     for t in threads {
         let _ = t.join();
     }
-    tracing::info!(handed_over = successor.is_some(), "stopped");
+    tracing::info!(handed_over = handing_over, "stopped");
+    if let Some(Err(e)) = handed_over {
+        anyhow::bail!("the takeover failed: {e}");
+    }
     Ok(())
+}
+
+/// SIGUSR2: a binary upgrade with takeover. Starts the program this daemon was started
+/// as (`argv[0]`: a new binary installed at that path) with the same arguments plus
+/// `--takeover`; it takes everything over and this process exits 0. If it cannot
+/// start, this one keeps serving.
+fn start_successor(args: &Args) {
+    if args.control_socket.is_none() {
+        tracing::error!("SIGUSR2: a binary upgrade with takeover needs --control-socket");
+        return;
+    }
+    let mut argv = std::env::args_os();
+    let Some(program) = argv.next() else {
+        return;
+    };
+    let rest: Vec<std::ffi::OsString> = argv
+        .filter(|a| a != "--takeover" && a != "--takeover-if-running")
+        .collect();
+    let mut command = tokio::process::Command::new(&program);
+    command.args(rest).arg("--takeover");
+    match command.spawn() {
+        Ok(mut child) => {
+            tracing::info!(
+                program = %program.to_string_lossy(),
+                successor_pid = child.id(),
+                "SIGUSR2: successor started, handing over to it"
+            );
+            tokio::spawn(async move {
+                if let Ok(status) = child.wait().await {
+                    if !status.success() {
+                        tracing::error!(%status, "SIGUSR2: the successor exited");
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::error!(
+            program = %program.to_string_lossy(),
+            error = %e,
+            "SIGUSR2: cannot start the successor; still serving"
+        ),
+    }
 }
 
 /// SIGHUP: the secret file and the log level are read again; nothing in flight changes.

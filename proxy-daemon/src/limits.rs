@@ -116,6 +116,13 @@ impl Capacity {
         }
     }
 
+    /// Takes `n` descriptors whatever the budget says: they are open already (tunnels
+    /// adopted in a takeover).
+    pub fn take(&'static self, n: usize) -> Fds {
+        self.used.fetch_add(n, Ordering::Relaxed);
+        Fds { capacity: self, n }
+    }
+
     /// A slot to answer one connection while over capacity, if the reserve allows.
     pub fn try_overload(&'static self) -> Option<Overload> {
         let n = self.overload.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! Test harness: network namespaces joined by veth, the real daemon binary, upstream apps
 //! on the machine's loopback, and clients that check every byte.
 
+pub mod bpf;
 pub mod client;
 pub mod daemon;
 pub mod netns;

@@ -76,19 +76,21 @@ pub fn bind(addr: SocketAddr, workers: usize) -> anyhow::Result<Vec<std::net::Tc
         .with_context(|| format!("listening on {addr}"))
 }
 
-/// Starts worker `index` on its own thread; it serves until `exit` is cancelled.
+/// Starts worker `index` on its own thread; it serves until `exit` is cancelled. Also
+/// returns a handle to its event loop (tunnels adopted in a takeover run there).
 pub fn spawn_worker(
     index: usize,
     listener: std::net::TcpListener,
     shared: &'static Shared,
     exit: CancellationToken,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
+) -> anyhow::Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // Log lines batched on this thread leave it when it goes idle.
         .on_thread_park(crate::logging::flush)
         .build()
         .context("starting a worker runtime")?;
+    let handle = runtime.handle().clone();
     let thread = std::thread::Builder::new()
         .name(format!("worker-{index}"))
         .spawn(move || {
@@ -122,7 +124,7 @@ pub fn spawn_worker(
             crate::logging::flush();
         })
         .context("starting a worker thread")?;
-    Ok(thread)
+    Ok((thread, handle))
 }
 
 async fn accept_loop(listener: &TcpListener, shared: &'static Shared) {

@@ -33,10 +33,17 @@ pub enum ToOld {
 pub enum ToNew {
     /// Descriptors: `listeners` proxy listening sockets, then the admin one if `admin`.
     Sockets { listeners: usize, admin: bool },
-    /// Descriptors: the fast path's maps, named in order.
-    FastPath { maps: Vec<String>, budget: u32 },
-    /// A live tunnel; descriptors: its client and upstream sockets.
-    Tunnel(crate::tunnel::handover::TunnelState),
+    /// Descriptors: the fast path's maps, named in order (none when the running daemon
+    /// has no fast path). Blob: the ledger slots in use, `used_slots` u32s
+    /// (little-endian); slot allocation is frozen in the running daemon from now on.
+    FastPath {
+        maps: Vec<String>,
+        settings: Option<crate::tunnel::ebpf::Settings>,
+        used_slots: usize,
+    },
+    /// A live tunnel; descriptors: its client and upstream sockets; blob: the bytes its
+    /// relays held (`TunnelState::blob_len`).
+    Tunnel(Box<crate::tunnel::handover::TunnelState>),
     /// Nothing more: the old process is exiting.
     Done,
 }
@@ -45,10 +52,18 @@ pub enum ToNew {
 pub struct Inherited {
     pub listeners: Vec<std::net::TcpListener>,
     pub admin: Option<std::net::TcpListener>,
-    /// The fast path's maps, by name.
-    pub fast_path: Option<(Vec<(String, OwnedFd)>, u32)>,
+    /// The fast path's maps, when the running daemon has one.
+    pub fast_path: Option<InheritedFastPath>,
     /// Tunnels follow on this channel.
     pub channel: Channel,
+}
+
+/// The fast path of the daemon taken over: its maps by name, the settings they were
+/// built with, the ledger slots its directions use.
+pub struct InheritedFastPath {
+    pub maps: Vec<(String, OwnedFd)>,
+    pub settings: crate::tunnel::ebpf::Settings,
+    pub used_slots: Vec<u32>,
 }
 
 /// Successor side: asks the running daemon for its sockets and maps.
@@ -83,26 +98,33 @@ pub async fn connect(path: &Path) -> anyhow::Result<Inherited> {
     let listeners: Vec<std::net::TcpListener> =
         fds.by_ref().take(listeners).map(Into::into).collect();
     let admin = fds.next().map(Into::into);
-    let fast_path = match channel.recv::<ToNew>().await? {
-        Some(Received {
-            value: ToNew::FastPath { maps, .. },
-            fds,
-            ..
-        }) if maps.is_empty() && fds.is_empty() => None,
-        Some(Received {
-            value: ToNew::FastPath { maps, budget },
-            fds,
-            ..
-        }) if maps.len() == fds.len() => Some((maps.into_iter().zip(fds).collect(), budget)),
-        Some(Received {
-            value: ToNew::FastPath { .. },
-            ..
-        }) => bail!("--takeover: map names and descriptors do not match"),
-        Some(Received {
-            value: ToNew::Done, ..
-        })
-        | None => None,
-        Some(other) => bail!("--takeover: unexpected message {:?}", other.value),
+    let Some(Received { value, blob, fds }) = channel.recv::<ToNew>().await? else {
+        bail!("--takeover: the running daemon closed the control connection");
+    };
+    let ToNew::FastPath {
+        maps,
+        settings,
+        used_slots,
+    } = value
+    else {
+        bail!("--takeover: unexpected message {value:?}");
+    };
+    let fast_path = match settings {
+        None => None,
+        Some(settings) => {
+            if maps.len() != fds.len() || blob.len() != used_slots * 4 {
+                bail!("--takeover: the fast path's maps and descriptors do not match");
+            }
+            let used_slots = blob
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            Some(InheritedFastPath {
+                maps: maps.into_iter().zip(fds).collect(),
+                settings,
+                used_slots,
+            })
+        }
     };
     Ok(Inherited {
         listeners,
@@ -112,12 +134,17 @@ pub async fn connect(path: &Path) -> anyhow::Result<Inherited> {
     })
 }
 
+/// Whether a daemon answers on the control socket `path`.
+pub async fn answers(path: &Path) -> bool {
+    UnixStream::connect(path).await.is_ok()
+}
+
 /// Running side: the control socket, root-only. A stale socket file (nobody answers) is
 /// replaced; a live one means another daemon runs there, unless `replacing` it (a
 /// successor binds the path the daemon it took over still holds open).
 pub async fn bind(path: &Path, replacing: bool) -> anyhow::Result<UnixListener> {
     if path.exists() {
-        if !replacing && UnixStream::connect(path).await.is_ok() {
+        if !replacing && answers(path).await {
             bail!(
                 "another daemon answers on {}: start with --takeover to replace it",
                 path.display()
@@ -154,6 +181,8 @@ pub async fn accept(listener: &UnixListener) -> anyhow::Result<(Channel, u32)> {
                 tracing::info!(successor_pid = pid, successor_version = %version, "takeover requested");
                 return Ok((channel, pid));
             }
+            // Someone checking whether a daemon answers (`--takeover-if-running`).
+            Ok(None) => tracing::debug!("control socket: probed"),
             other => tracing::warn!(ok = other.is_ok(), "control socket: not a takeover request"),
         }
     }

@@ -148,6 +148,13 @@ impl Channel {
                             );
                         }
                     }
+                    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                        // Descriptors the kernel could not install (out of fds): the
+                        // sockets they were are gone; never carry on as if whole.
+                        return Err(io::Error::other(
+                            "descriptors passed over the control socket were truncated (open-file limit?)",
+                        ));
+                    }
                     Ok((msg.bytes, received))
                 });
                 match result {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use serde::Serialize;
 
 use super::ebpf::Splicer;
+use super::handover::DirectionCountersState;
 
 /// The mechanisms that can move a direction's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +152,37 @@ impl DirectionCounters {
     /// Whether the kernel splices this direction now.
     pub fn in_kernel_now(&self) -> bool {
         self.kernel_source.load(Relaxed) != 0
+    }
+
+    /// Bytes moved with splice(2) so far.
+    pub(super) fn spliced_bytes(&self) -> u64 {
+        self.spliced.load(Relaxed)
+    }
+
+    /// The counters as they move to a successor process (a direction still in the
+    /// kernel carries its kernel bytes in the maps, which move too).
+    pub(super) fn to_state(&self) -> DirectionCountersState {
+        DirectionCountersState {
+            copied: self.copied.load(Relaxed),
+            spliced: self.spliced.load(Relaxed),
+            kernel: self.kernel.load(Relaxed),
+            paths: self.paths.load(Relaxed),
+            handoff: self.handoff.load(Relaxed),
+            kernel_lost: self.kernel_lost.load(Relaxed),
+        }
+    }
+
+    /// Counters of a direction adopted from the daemon taken over.
+    pub(super) fn from_state(s: &DirectionCountersState) -> Self {
+        DirectionCounters {
+            copied: AtomicU64::new(s.copied),
+            spliced: AtomicU64::new(s.spliced),
+            kernel: AtomicU64::new(s.kernel),
+            kernel_source: AtomicU64::new(0),
+            paths: AtomicU8::new(s.paths),
+            handoff: AtomicU8::new(s.handoff),
+            kernel_lost: AtomicU64::new(s.kernel_lost),
+        }
     }
 }
 

@@ -1,25 +1,33 @@
 //! Tunnels: after a successful upgrade the client and upstream sockets become one raw byte
 //! stream each way. This module owns their lifecycle (leftover bytes first, then a relay,
-//! then close/reset, one log line each at open and close); the relays move the bytes.
+//! then close/reset, one log line each at open and close); the relays move the bytes,
+//! recording in `progress` where each direction stands, so that a takeover can pause a
+//! tunnel anywhere and move it to the successor process (`transfer`).
 
 pub mod copy;
 pub mod counters;
 pub mod ebpf;
 pub mod handover;
+pub mod progress;
 pub mod registry;
 pub mod socket;
 pub mod splice;
+pub mod transfer;
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use counters::{DataPath, DirectionCounters, DirectionSnapshot, TunnelCounters};
+use handover::PathState;
+use progress::{Progress, WayProgress};
+use registry::LiveTunnel;
 pub use registry::{Registry, TunnelSnapshot};
 
 /// The two sockets of an upgraded connection, taken back from hyper, with the bytes hyper
@@ -234,6 +242,12 @@ pub struct Tunnels {
     registry: Arc<Registry>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Cancelled when every tunnel must stop where it stands and move to a successor
+    /// process (`transfer`).
+    pause: CancellationToken,
+    /// While a takeover runs: where paused tunnels, and tunnels started from then on,
+    /// go to be sent to the successor.
+    outgoing: Arc<Mutex<Option<mpsc::UnboundedSender<transfer::Outgoing>>>>,
 }
 
 impl Tunnels {
@@ -243,6 +257,8 @@ impl Tunnels {
             relay,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            pause: CancellationToken::new(),
+            outgoing: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -256,59 +272,53 @@ impl Tunnels {
     }
 
     /// Runs a tunnel; `hold` (its descriptors in the capacity budget) lives as long as it.
-    /// A panic inside is contained to it and logged with its request id.
+    /// A panic inside is contained to it and logged with its request id. During a
+    /// takeover the tunnel goes straight to the successor instead.
     pub fn start(&self, tunnel: Tunnel, hold: impl Send + 'static) {
-        let relay = self.relay.clone();
-        let registry = self.registry.clone();
-        let shutdown = self.shutdown.clone();
+        let outgoing = self.outgoing.lock().unwrap().clone();
+        if let Some(outgoing) = outgoing {
+            transfer::send_straight_on(tunnel, &outgoing);
+            return;
+        }
+        let tunnels = self.clone();
         let label = format!("tunnel {}", tunnel.request_id);
         self.tracker
             .spawn(crate::panic::contained(label.as_bytes(), async move {
                 let _hold = hold;
-                run(tunnel, relay, &registry, &shutdown).await;
+                let Tunnel {
+                    request_id,
+                    port,
+                    client,
+                    client_leftover,
+                    upstream,
+                    upstream_leftover,
+                } = tunnel;
+                let live = tunnels.registry.open(request_id, port);
+                tracing::info!(
+                    request_id = %live.request_id,
+                    tunnel_id = live.id,
+                    port,
+                    relay = tunnels.relay.name(),
+                    // Bytes hyper read past the upgrade: relayed by the daemon before
+                    // anything else.
+                    client_leftover = client_leftover.len(),
+                    upstream_leftover = upstream_leftover.len(),
+                    "tunnel opened"
+                );
+                let progress = Progress::new(client_leftover.into(), upstream_leftover.into());
+                run(
+                    &tunnels,
+                    Running {
+                        live,
+                        client,
+                        upstream,
+                        progress,
+                        takeovers: 0,
+                        resume: false,
+                    },
+                )
+                .await;
             }));
-    }
-
-    /// Takeover, successor side: runs the tunnels the previous daemon sends until it is
-    /// done; returns how many arrived.
-    pub async fn adopt_all(
-        &self,
-        channel: &crate::takeover::wire::Channel,
-    ) -> std::io::Result<usize> {
-        let mut n = 0;
-        while let Some(m) = channel.recv::<crate::takeover::ToNew>().await? {
-            match m.value {
-                crate::takeover::ToNew::Done => break,
-                crate::takeover::ToNew::Tunnel(_) => n += 1,
-                other => tracing::warn!(message = ?other, "takeover: unexpected message"),
-            }
-        }
-        Ok(n)
-    }
-
-    /// Takeover, running side: the fast path's maps (none yet).
-    pub async fn send_fast_path(
-        &self,
-        channel: &crate::takeover::wire::Channel,
-    ) -> std::io::Result<()> {
-        channel
-            .send(
-                &crate::takeover::ToNew::FastPath {
-                    maps: vec![],
-                    budget: 0,
-                },
-                b"",
-                &[],
-            )
-            .await
-    }
-
-    /// Takeover, running side: moves every live tunnel to the successor.
-    pub async fn hand_over(&self, _channel: &crate::takeover::wire::Channel) {}
-
-    /// Takeover, running side: tells the successor nothing more comes.
-    pub async fn finish_hand_over(&self, channel: &crate::takeover::wire::Channel) {
-        let _ = channel.send(&crate::takeover::ToNew::Done, b"", &[]).await;
     }
 
     /// Number of tunnels still open.
@@ -316,7 +326,7 @@ impl Tunnels {
         self.tracker.len()
     }
 
-    /// Waits until every tunnel has ended by itself.
+    /// Waits until every tunnel has ended by itself (or moved to a successor).
     pub async fn wait_idle(&self) {
         self.tracker.close();
         self.tracker.wait().await;
@@ -330,53 +340,84 @@ impl Tunnels {
     }
 }
 
-async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &CancellationToken) {
-    let Tunnel {
-        request_id,
-        port,
+/// A tunnel about to run.
+struct Running {
+    live: Arc<LiveTunnel>,
+    client: TcpStream,
+    upstream: TcpStream,
+    progress: Progress,
+    /// Takeovers it has gone through so far.
+    takeovers: u32,
+    /// It continues where the daemon taken over left it (else its relay starts, after
+    /// the held leftovers).
+    resume: bool,
+}
+
+/// Runs a tunnel until it ends (its closing line), or until a takeover pauses it (it
+/// moves to the successor, which logs its closing line one day).
+async fn run(tunnels: &Tunnels, r: Running) {
+    let Running {
+        live,
         client,
-        client_leftover,
         upstream,
-        upstream_leftover,
-    } = tunnel;
-    let live = registry.open(request_id, port);
-    tracing::info!(
-        request_id = %live.request_id,
-        tunnel_id = live.id,
-        port,
-        relay = relay.name(),
-        // Bytes hyper read past the upgrade: relayed by the daemon before anything else.
-        client_leftover = client_leftover.len(),
-        upstream_leftover = upstream_leftover.len(),
-        "tunnel opened"
-    );
+        progress,
+        takeovers,
+        resume,
+    } = r;
+    let relay = &tunnels.relay;
     let counters = &live.counters;
     let relayed = async {
-        let leftovers = (client_leftover, upstream_leftover);
-        if let Err(e) =
-            forward_leftovers(&client, &leftovers.0, &upstream, &leftovers.1, counters).await
-        {
+        if resume {
+            return resume_relay(relay, &client, &upstream, counters, &progress).await;
+        }
+        if let Err(e) = forward_leftovers(&client, &upstream, counters, &progress).await {
             return RelayEnd::Reset(e.kind());
         }
-        // Written: an idle tunnel keeps no buffer.
-        drop(leftovers);
-        match &relay {
-            Relay::Copy => copy::relay(&client, &upstream, counters).await,
-            Relay::Splice => splice::relay(&client, &upstream, counters).await,
-            Relay::Ebpf(splicer) => ebpf::relay(splicer, &client, &upstream, counters).await,
+        match relay {
+            Relay::Copy => copy::relay(&client, &upstream, counters, &progress).await,
+            Relay::Splice => splice::relay(&client, &upstream, counters, &progress).await,
+            Relay::Ebpf(splicer) => {
+                ebpf::relay(splicer, &client, &upstream, counters, &progress).await
+            }
         }
     };
-    // Dropping the relay on shutdown settles its kernel state and counts first.
+    // Boxed so that it can be dropped before the sockets move on.
+    let mut relayed = Box::pin(relayed);
     let end = tokio::select! {
-        end = relayed => end,
-        _ = shutdown.cancelled() => RelayEnd::Shutdown,
+        // First: a tunnel paused for a takeover must not start anything new.
+        biased;
+        _ = tunnels.pause.cancelled() => None,
+        end = &mut relayed => Some(end),
+        _ = tunnels.shutdown.cancelled() => Some(RelayEnd::Shutdown),
     };
+    let Some(end) = end else {
+        // Stopped at an await point: `progress` says where each direction stands. The
+        // fast-path entries stay in the maps for the successor.
+        progress.start_handing_over();
+        drop(relayed);
+        transfer::hand_over(tunnels, &live, client, upstream, &progress, takeovers);
+        return;
+    };
+    // Dropping the relay (on shutdown) settles its kernel state and counts first.
+    drop(relayed);
     if end != RelayEnd::Closed {
         // Propagate the failure: close both with RST rather than a clean FIN.
         socket::reset_on_close(&client);
         socket::reset_on_close(&upstream);
     }
-    let ended = registry.close(&live);
+    log_closed(&tunnels.registry, &live, relay, &end, takeovers);
+}
+
+/// Removes an ended tunnel from the registry and logs its closing line.
+fn log_closed(
+    registry: &Registry,
+    live: &LiveTunnel,
+    relay: &Relay,
+    end: &RelayEnd,
+    takeovers: u32,
+) {
+    let counters = &live.counters;
+    let ended = registry.close(live);
     let (up, down) = (&ended.client_to_upstream, &ended.upstream_to_client);
     let dropped = counters.kernel_dropped.load(Ordering::Relaxed)
         + counters.client_to_upstream.lost()
@@ -394,7 +435,7 @@ async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &Cance
     tracing::info!(
         request_id = %live.request_id,
         tunnel_id = live.id,
-        port,
+        port = live.port,
         relay = relay.name(),
         client_to_upstream = up.bytes,
         upstream_to_client = down.bytes,
@@ -409,9 +450,11 @@ async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &Cance
         kernel_queue_peak = counters.kernel_queue_peak.load(Ordering::Relaxed),
         kernel_dropped = dropped,
         kernel_misparsed = misparsed,
+        // Since the tunnel opened, in whichever process (bytes too).
         duration_ms = live.started.elapsed().as_secs_f64() * 1e3,
+        takeovers,
         end = end.name(),
-        error = match &end {
+        error = match end {
             RelayEnd::Reset(kind) => Some(format!("{kind:?}")),
             _ => None,
         },
@@ -419,27 +462,68 @@ async fn run(tunnel: Tunnel, relay: Relay, registry: &Registry, shutdown: &Cance
     );
 }
 
-/// Sends the bytes hyper read past the upgrade, before anything else moves.
+/// Continues an adopted tunnel's directions, each on the path it was on.
+async fn resume_relay(
+    relay: &Relay,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+) -> RelayEnd {
+    if let Relay::Ebpf(splicer) = relay {
+        return ebpf::resume(splicer, client, upstream, counters, progress).await;
+    }
+    let up = continue_way(
+        client,
+        upstream,
+        &counters.client_to_upstream,
+        &progress.client_to_upstream,
+    );
+    let down = continue_way(
+        upstream,
+        client,
+        &counters.upstream_to_client,
+        &progress.upstream_to_client,
+    );
+    match tokio::try_join!(up, down) {
+        Ok(_) => RelayEnd::Closed,
+        Err(e) => RelayEnd::Reset(e.kind()),
+    }
+}
+
+/// One adopted direction, without the fast path.
+async fn continue_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &DirectionCounters,
+    progress: &WayProgress,
+) -> io::Result<()> {
+    match progress.path() {
+        PathState::Splice => splice::one_way(from, to, moved, progress).await,
+        PathState::Copy => copy::one_way(from, to, moved, progress).await,
+        PathState::Closed => Ok(()),
+        // The daemon taken over spliced it in the kernel, and this one has no fast
+        // path: nothing here can know where its stream stands.
+        PathState::Kernel | PathState::Start => Err(io::Error::other(
+            "an adopted direction is on a data path this daemon does not run",
+        )),
+    }
+}
+
+/// Sends the bytes hyper read past the upgrade (or what is left of them), before
+/// anything else moves.
 async fn forward_leftovers(
     client: &TcpStream,
-    client_leftover: &[u8],
     upstream: &TcpStream,
-    upstream_leftover: &[u8],
     counters: &TunnelCounters,
+    progress: &Progress,
 ) -> io::Result<()> {
-    let to_upstream = async {
-        socket::write_all(upstream, client_leftover).await?;
-        counters
-            .client_to_upstream
-            .copied(client_leftover.len() as u64);
-        Ok::<_, io::Error>(())
-    };
-    let to_client = async {
-        socket::write_all(client, upstream_leftover).await?;
-        counters
-            .upstream_to_client
-            .copied(upstream_leftover.len() as u64);
-        Ok::<_, io::Error>(())
-    };
+    let to_upstream = progress
+        .client_to_upstream
+        .write_held(upstream, &counters.client_to_upstream);
+    let to_client = progress
+        .upstream_to_client
+        .write_held(client, &counters.upstream_to_client);
+    // Written: an idle tunnel keeps no buffer (the emptied buffers are dropped).
     tokio::try_join!(to_upstream, to_client).map(|_| ())
 }

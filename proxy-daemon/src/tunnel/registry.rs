@@ -90,6 +90,30 @@ impl Registry {
         tunnel
     }
 
+    /// A tunnel adopted from the daemon taken over: opened then, with its counters so far.
+    pub(super) fn adopt(
+        &self,
+        request_id: String,
+        port: u16,
+        started_at: SystemTime,
+        counters: TunnelCounters,
+    ) -> Arc<LiveTunnel> {
+        let age = SystemTime::now()
+            .duration_since(started_at)
+            .unwrap_or_default();
+        let now = Instant::now();
+        let tunnel = Arc::new(LiveTunnel {
+            id: self.next_id.fetch_add(1, Relaxed) + 1,
+            request_id,
+            port,
+            started: now.checked_sub(age).unwrap_or(now),
+            started_at,
+            counters,
+        });
+        self.live.lock().unwrap().insert(tunnel.id, tunnel.clone());
+        tunnel
+    }
+
     /// Removes an ended tunnel; its final counts join the totals.
     pub(super) fn close(&self, tunnel: &LiveTunnel) -> TunnelSnapshot {
         // `ended` first, as in `bytes`: a reader never sees the tunnel in neither place.

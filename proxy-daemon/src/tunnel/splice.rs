@@ -8,6 +8,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::counters::{DataPath, DirectionCounters, TunnelCounters};
+use super::handover::PathState;
+use super::progress::{Progress, WayProgress};
 use super::{socket, RelayEnd};
 
 /// Bytes asked of one splice call (the pipe's default capacity is 64 KiB).
@@ -19,22 +21,35 @@ pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     counters: &TunnelCounters,
+    progress: &Progress,
 ) -> RelayEnd {
-    let up = one_way(client, upstream, &counters.client_to_upstream);
-    let down = one_way(upstream, client, &counters.upstream_to_client);
+    let up = one_way(
+        client,
+        upstream,
+        &counters.client_to_upstream,
+        &progress.client_to_upstream,
+    );
+    let down = one_way(
+        upstream,
+        client,
+        &counters.upstream_to_client,
+        &progress.upstream_to_client,
+    );
     match tokio::try_join!(up, down) {
         Ok(_) => RelayEnd::Closed,
         Err(e) => RelayEnd::Reset(e.kind()),
     }
 }
 
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+/// A pipe for splice(2); it lives in the direction's [`WayProgress`], so the bytes in it
+/// can be handed to a successor.
+pub(super) struct Pipe {
+    pub(super) read: OwnedFd,
+    pub(super) write: OwnedFd,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    pub(super) fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills both fds on success; we own them from here.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -71,49 +86,79 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
+/// One direction. Bytes `progress` holds (from a takeover) go first; the pipe's bytes are
+/// counted in `progress` at every step, so the relay may stop at any await point. What
+/// the source already holds is spliced first without waiting for readiness (see
+/// `copy::one_way`).
 pub(super) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     moved: &DirectionCounters,
+    progress: &WayProgress,
 ) -> io::Result<()> {
     moved.use_path(DataPath::Splice);
-    let mut pipe: Option<Pipe> = None;
+    progress.set_path(PathState::Splice);
+    progress.write_held(to, moved).await?;
+    let mut drained = false;
     loop {
-        from.readable().await?;
+        // The pipe is empty here: every byte spliced in was spliced out below.
+        if drained {
+            from.readable().await?;
+        } else if !socket::readable_now(from)? {
+            drained = true;
+            continue;
+        }
         // Created on first data: an idle tunnel holds no pipe.
-        let pipe = match &pipe {
-            Some(p) => p,
-            None => match Pipe::new() {
-                Ok(p) => pipe.insert(p),
-                // Out of fds (EMFILE/ENFILE) or pipe memory: the bytes can still move
-                // through a buffer, and nothing is lost by switching before the first.
-                Err(e) => {
-                    tracing::warn!(error = %e, "splice(2) relay cannot get a pipe, copying instead");
+        let (pipe_read, pipe_write) = match progress.pipe() {
+            Ok(fds) => fds,
+            // Out of fds (EMFILE/ENFILE) or pipe memory: the bytes can still move
+            // through a buffer, and nothing is lost by switching between bursts.
+            Err(e) => {
+                tracing::warn!(error = %e, "splice(2) relay cannot get a pipe, copying instead");
+                if moved.spliced_bytes() == 0 {
                     // Nothing was spliced (the pipe comes with the first bytes).
                     moved.drop_path(DataPath::Splice);
-                    return super::copy::one_way(from, to, moved).await;
                 }
-            },
+                return super::copy::one_way(from, to, moved, progress).await;
+            }
         };
-        let filled = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
-        }) {
-            Ok(0) => return socket::shutdown_write(to),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        let spliced = if drained {
+            from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe_write, CHUNK)
+            })
+        } else {
+            splice(from.as_raw_fd(), pipe_write, CHUNK)
+        };
+        match spliced {
+            Ok(0) => {
+                socket::shutdown_write(to)?;
+                progress.set_path(PathState::Closed);
+                return Ok(());
+            }
+            Ok(n) => progress.filled(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                drained = true;
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let mut left = filled;
-        while left > 0 {
+        loop {
+            let left = progress.in_pipe();
+            if left == 0 {
+                break;
+            }
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+                splice(pipe_read, to.as_raw_fd(), left)
             }) {
-                Ok(n) => left -= n,
+                Ok(n) => {
+                    progress.drained(n);
+                    moved.spliced(n as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
         }
-        moved.spliced(filled as u64);
     }
 }

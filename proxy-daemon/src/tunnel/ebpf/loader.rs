@@ -1,11 +1,11 @@
 //! Loads the embedded eBPF object once at start-up and owns its maps.
 
-use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicU64;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use aya::maps::{HashMap, MapData, RingBuf, SockHash};
+use aya::maps::{HashMap, IterableMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
@@ -33,8 +33,9 @@ pub fn object_embedded() -> bool {
     !OBJECT.is_empty()
 }
 
-/// Load-time settings of the fast path.
-#[derive(Debug, Clone)]
+/// Load-time settings of the fast path (a successor that takes the maps over receives
+/// them: the programs and maps were built with them).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// Per-direction budget (`u32::MAX`: none).
     pub budget: u32,
@@ -81,7 +82,8 @@ pub struct Stats {
 }
 
 /// The loaded programs and their maps. The maps are not pinned: they (and every socket
-/// reference in them) go away with the process, so a crash never leaves a socket spliced.
+/// reference in them) go away with the last process that holds them, so a crash never
+/// leaves a socket spliced. A takeover passes their descriptors to the successor.
 pub struct Splicer {
     socks: Arc<Mutex<SockHash<MapData, u64>>>,
     targets: Mutex<SockHash<MapData, u64>>,
@@ -89,16 +91,25 @@ pub struct Splicer {
     pub(super) accounting: Arc<Accounting>,
     /// Directions the kernel splices now, watched by the hand-off thread.
     pub(super) live: Arc<LiveDirections>,
+    /// What the hand-off thread works with (a direction adopted from the daemon taken
+    /// over may need its hand-off at once).
+    watched: Arc<watcher::Shared>,
     pub(super) budget: u32,
     pub settings: Settings,
     pub stats: Arc<Stats>,
-    /// Set once the thread that hands directions over has stopped: from then
-    /// on no direction could leave the kernel, so the daemon must exit.
+    /// Set once the thread that hands directions over has failed: from then on no
+    /// direction could leave the kernel, so the daemon must exit.
     failed: watch::Receiver<Option<String>>,
-    // Kept open so the maps are listed with the others under the daemon's fds.
-    _ledger_map: MapData,
-    _memory_map: MapData,
-    _ebpf: Ebpf,
+    thread: tokio::sync::Mutex<watcher::Thread>,
+    /// The event ring's descriptor (its reader lives in the hand-off thread).
+    events: OwnedFd,
+    ledger_map: MapData,
+    memory_map: MapData,
+    /// Set once the maps moved to a successor (the hand-off thread stopped on purpose).
+    handed_over: std::sync::atomic::AtomicBool,
+    /// The programs, when this process loaded them (a successor only has the maps: the
+    /// programs stay attached to `SOCKS` in the kernel).
+    ebpf: Mutex<Option<Ebpf>>,
 }
 
 impl std::fmt::Debug for Splicer {
@@ -109,13 +120,170 @@ impl std::fmt::Debug for Splicer {
     }
 }
 
+/// The fast path as it moves to a successor: its maps' descriptors, by name, the ledger
+/// slots in use, and the settings the maps and programs were built with.
+pub struct HandedOver {
+    pub maps: Vec<(String, OwnedFd)>,
+    pub used_slots: Vec<u32>,
+    pub settings: Settings,
+}
+
 impl Splicer {
-    /// Takes over the maps of a running daemon (their descriptors, by name).
+    /// Takes over the maps of a running daemon (`HandedOver`, received over the control
+    /// socket): no object is loaded, the programs stay attached to `SOCKS`. Starts this
+    /// process's hand-off thread, which reads the event ring from where the other one
+    /// stopped.
     pub fn adopt(
-        _maps: Vec<(String, std::os::fd::OwnedFd)>,
-        _budget: u32,
+        maps: Vec<(String, OwnedFd)>,
+        settings: Settings,
+        used_slots: &[u32],
     ) -> anyhow::Result<Splicer> {
-        anyhow::bail!("adopting maps is not implemented yet")
+        let mut by_name: std::collections::HashMap<String, aya::maps::Map> = Default::default();
+        for (name, fd) in maps {
+            let data = MapData::from_fd(fd).with_context(|| format!("map {name}"))?;
+            let map = aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))?;
+            by_name.insert(name, map);
+        }
+        let mut take = |name: &str| {
+            by_name
+                .remove(name)
+                .with_context(|| format!("map {name} not handed over"))
+        };
+        let socks: SockHash<MapData, u64> = SockHash::try_from(take(SOCKS_MAP)?)?;
+        let targets: SockHash<MapData, u64> = SockHash::try_from(take(TARGETS_MAP)?)?;
+        let directions: HashMap<MapData, u64, Direction> =
+            HashMap::try_from(take(DIRECTIONS_MAP)?)?;
+        let events = RingBuf::try_from(take(EVENTS_MAP)?)?;
+        let ledger = array_map(take(LEDGER_MAP)?)?;
+        let memory = array_map(take(MEMORY_MAP)?)?;
+        let slots = ledger.info()?.max_entries();
+        let accounting = Arc::new(Accounting::adopted(
+            MappedArray::new(ledger.fd(), slots)
+                .with_context(|| format!("mapping {LEDGER_MAP}"))?,
+            MappedArray::new(memory.fd(), 1).with_context(|| format!("mapping {MEMORY_MAP}"))?,
+            used_slots,
+        ));
+        Self::start(
+            socks, targets, directions, events, ledger, memory, accounting, settings, None,
+        )
+    }
+
+    /// Builds the splicer around its maps and starts the hand-off thread.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        socks: SockHash<MapData, u64>,
+        targets: SockHash<MapData, u64>,
+        directions: HashMap<MapData, u64, Direction>,
+        events: RingBuf<MapData>,
+        ledger_map: MapData,
+        memory_map: MapData,
+        accounting: Arc<Accounting>,
+        settings: Settings,
+        ebpf: Option<Ebpf>,
+    ) -> anyhow::Result<Splicer> {
+        // SAFETY: the ring's fd is open for as long as `events` lives; dup'd here.
+        let events_fd = unsafe { BorrowedFd::borrow_raw(events.as_raw_fd()) }
+            .try_clone_to_owned()
+            .context("duplicating the event ring's descriptor")?;
+        let live = Arc::new(LiveDirections::default());
+        let stats = Arc::new(Stats::default());
+        let socks = Arc::new(Mutex::new(socks));
+        let watched = Arc::new(watcher::Shared {
+            live: live.clone(),
+            accounting: accounting.clone(),
+            stats: stats.clone(),
+            socks: socks.clone(),
+        });
+        let (thread, failed) = watcher::spawn(events, watched.clone())?;
+        Ok(Splicer {
+            socks,
+            targets: Mutex::new(targets),
+            directions: Mutex::new(directions),
+            accounting,
+            live,
+            watched,
+            budget: settings.budget,
+            settings,
+            stats,
+            failed,
+            thread: tokio::sync::Mutex::new(thread),
+            events: events_fd,
+            ledger_map,
+            memory_map,
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            ebpf: Mutex::new(ebpf),
+        })
+    }
+
+    /// Takeover, running side: stops handing out ledger slots, stops the hand-off thread
+    /// (without the fatal report; whatever it has not read stays in the ring for the
+    /// successor), makes sure nothing in this process can ever detach the programs from
+    /// `SOCKS`, and returns what the successor needs to share the maps. From now on this
+    /// process adds no direction to the maps and removes none of those it hands over.
+    pub async fn hand_over(&self) -> std::io::Result<HandedOver> {
+        let used_slots = self.accounting.freeze();
+        self.handed_over.store(true, Relaxed);
+        self.thread.lock().await.stop().await;
+        // The programs are attached with BPF_PROG_ATTACH: dropping aya's links would
+        // detach them from SOCKS and every socket the successor adds would be spliced by
+        // nothing. Leaked on purpose: the attachment lives as long as the map.
+        if let Some(ebpf) = self.ebpf.lock().unwrap().take() {
+            std::mem::forget(ebpf);
+        }
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
+        let maps = vec![
+            (
+                SOCKS_MAP.to_owned(),
+                dup(self.socks.lock().unwrap().fd().as_fd())?,
+            ),
+            (
+                TARGETS_MAP.to_owned(),
+                dup(self.targets.lock().unwrap().fd().as_fd())?,
+            ),
+            (
+                DIRECTIONS_MAP.to_owned(),
+                dup(self.directions.lock().unwrap().map().fd().as_fd())?,
+            ),
+            (EVENTS_MAP.to_owned(), dup(self.events.as_fd())?),
+            (LEDGER_MAP.to_owned(), dup(self.ledger_map.fd().as_fd())?),
+            (MEMORY_MAP.to_owned(), dup(self.memory_map.fd().as_fd())?),
+        ];
+        Ok(HandedOver {
+            maps,
+            used_slots,
+            settings: self.settings.clone(),
+        })
+    }
+
+    /// Takeover, successor side: watches a direction the kernel splices, adopted from the
+    /// daemon taken over. If the verdict already asked for its hand-off (an event the
+    /// other process read but did not act on, or one this thread read before the
+    /// direction was watched), the hand-off starts now.
+    pub(super) fn adopt_direction(
+        &self,
+        cookie: u64,
+        slot: u32,
+        from: std::os::fd::RawFd,
+        to: std::os::fd::RawFd,
+        to_base: u64,
+    ) -> Arc<tokio::sync::Notify> {
+        let handoff = self.live.watch(cookie, slot, from, to, to_base);
+        let reason = self.accounting.handoff(slot);
+        if reason != 0 && self.watched.hand_off(cookie, reason) {
+            self.stats.handoffs_found_by_scan.fetch_add(1, Relaxed);
+        }
+        handoff
+    }
+
+    /// An adopted direction uses ledger `slot`.
+    pub fn claim_slot(&self, slot: u32) {
+        self.accounting.claim(slot);
+    }
+
+    /// The daemon taken over is done: the ledger slots of its tunnels that ended there
+    /// are free again. Returns how many.
+    pub fn release_unclaimed_slots(&self) -> usize {
+        self.accounting.release_unclaimed()
     }
 
     /// Loads and attaches the programs. Must run inside the tokio runtime (aya-log and
@@ -161,18 +329,6 @@ impl Splicer {
                 .with_context(|| format!("mapping {LEDGER_MAP}"))?,
             MappedArray::new(memory.fd(), 1).with_context(|| format!("mapping {MEMORY_MAP}"))?,
         ));
-        let live = Arc::new(LiveDirections::default());
-        let stats = Arc::new(Stats::default());
-        let socks = Arc::new(Mutex::new(socks));
-        let failed = watcher::spawn(
-            events,
-            watcher::Shared {
-                live: live.clone(),
-                accounting: accounting.clone(),
-                stats: stats.clone(),
-                socks: socks.clone(),
-            },
-        )?;
         for name in ["parser", "verdict"] {
             let prog: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -180,23 +336,20 @@ impl Splicer {
                 .try_into()?;
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
-            prog.attach(socks.lock().unwrap().fd())
+            prog.attach(socks.fd())
                 .with_context(|| format!("attaching program {name} to {SOCKS_MAP}"))?;
         }
-        Ok(Splicer {
+        Self::start(
             socks,
-            targets: Mutex::new(targets),
-            directions: Mutex::new(directions),
+            targets,
+            directions,
+            events,
+            ledger,
+            memory,
             accounting,
-            live,
-            budget: settings.budget,
             settings,
-            stats,
-            failed,
-            _ledger_map: ledger,
-            _memory_map: memory,
-            _ebpf: ebpf,
-        })
+            Some(ebpf),
+        )
     }
 
     /// Resolves (with the reason) if the thread that hands directions over from the kernel
@@ -206,6 +359,8 @@ impl Splicer {
         let mut rx = self.failed.clone();
         let reason = match rx.wait_for(|f| f.is_some()).await {
             Ok(reason) => reason.clone().unwrap_or_default(),
+            // Stopped on purpose: the successor's thread does its work now.
+            Err(_) if self.handed_over.load(Relaxed) => std::future::pending().await,
             Err(_) => "the fast path's hand-off thread is gone".into(),
         };
         reason

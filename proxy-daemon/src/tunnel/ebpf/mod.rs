@@ -28,6 +28,8 @@ pub use loader::{
 };
 
 use super::counters::{DirectionCounters, TunnelCounters};
+use super::handover::{KernelWay, PathState};
+use super::progress::{Progress, WayProgress};
 use super::{socket, RelayEnd};
 
 const TCP_CLOSE: u8 = 7;
@@ -45,6 +47,7 @@ struct Way<'a> {
     /// Its entry in the shared ledger (machine-wide memory accounting).
     slot: u32,
     counters: &'a DirectionCounters,
+    progress: &'a WayProgress,
     /// The kernel splices it now (its source is in `SOCKS` and it was not settled).
     in_kernel: AtomicBool,
     /// Woken when the verdict asks the daemon to take the direction over.
@@ -74,18 +77,28 @@ impl Way<'_> {
 
 /// A tunnel's kernel state. Dropping it (however the relay ends: EOF, reset, hand-off,
 /// shutdown) settles every direction still in the kernel, collects the verdict's
-/// counters, and removes the map entries.
+/// counters, and removes the map entries — unless the tunnel is moving to a successor
+/// process, which continues with them (then it only stops watching).
 struct Spliced<'a> {
     splicer: &'a Splicer,
     counters: &'a TunnelCounters,
+    progress: &'a Progress,
     ways: Vec<Way<'a>>,
-    /// Sockets in `TARGETS`.
-    targets: Vec<u64>,
 }
 
 impl Drop for Spliced<'_> {
     fn drop(&mut self) {
         let splicer = self.splicer;
+        if self.progress.handing_over() {
+            // Never remove a socket from a map during a hand-over: removal can lose a
+            // message (docs/fastpath.md). The successor watches these directions now.
+            for w in &self.ways {
+                if w.in_kernel.load(Relaxed) {
+                    splicer.live.forget(w.from_cookie);
+                }
+            }
+            return;
+        }
         // Both sources leave SOCKS before anything else: no verdict runs after this
         // (a pass in flight holds the socket lock, which the stream-position read of
         // the source takes too).
@@ -121,7 +134,7 @@ impl Drop for Spliced<'_> {
         for w in &self.ways {
             splicer.remove(w.from_cookie, Some(w.slot));
         }
-        for &c in &self.targets {
+        for c in self.progress.targets() {
             splicer.remove(c, None);
         }
     }
@@ -137,10 +150,11 @@ pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     counters: &TunnelCounters,
+    progress: &Progress,
 ) -> RelayEnd {
     let (c, u) = match (sys::cookie(client), sys::cookie(upstream)) {
         (Ok(c), Ok(u)) => (c, u),
-        _ => return super::copy::relay(client, upstream, counters).await,
+        _ => return super::copy::relay(client, upstream, counters, progress).await,
     };
     // Where each send stream stands before any byte is redirected into it.
     let (client_base, upstream_base) =
@@ -151,8 +165,8 @@ pub async fn relay(
     let mut spliced = Spliced {
         splicer,
         counters,
+        progress,
         ways: Vec::with_capacity(2),
-        targets: Vec::with_capacity(2),
     };
     // Directions first (the verdict finds its peer as soon as a socket is in SOCKS),
     // then both sockets as redirect targets. Full maps, or a socket that already
@@ -164,6 +178,7 @@ pub async fn relay(
         upstream,
         upstream_base,
         &counters.client_to_upstream,
+        &progress.client_to_upstream,
     );
     let down_way = (
         u,
@@ -172,8 +187,11 @@ pub async fn relay(
         client,
         client_base,
         &counters.upstream_to_client,
+        &progress.upstream_to_client,
     );
-    for (from_cookie, from, to_cookie, to, to_base, dir_counters) in [up_way, down_way] {
+    for (from_cookie, from, to_cookie, to, to_base, dir_counters, dir_progress) in
+        [up_way, down_way]
+    {
         let from_base = match sys::consumed_position(from) {
             Ok(p) => p,
             Err(e) => {
@@ -182,22 +200,31 @@ pub async fn relay(
             }
         };
         match splicer.add_direction(from_cookie, to_cookie) {
-            Ok(slot) => spliced.ways.push(Way {
-                from_cookie,
-                from,
-                to,
-                to_base,
-                from_base,
-                slot,
-                counters: dir_counters,
-                in_kernel: AtomicBool::new(false),
-                handoff: Arc::new(Notify::new()),
-            }),
+            Ok(slot) => {
+                dir_progress.set_kernel(KernelWay {
+                    cookie: from_cookie,
+                    slot,
+                    to_base,
+                    from_base,
+                });
+                spliced.ways.push(Way {
+                    from_cookie,
+                    from,
+                    to,
+                    to_base,
+                    from_base,
+                    slot,
+                    counters: dir_counters,
+                    progress: dir_progress,
+                    in_kernel: AtomicBool::new(false),
+                    handoff: Arc::new(Notify::new()),
+                })
+            }
             Err(e) => {
                 splicer.stats.maps_full.fetch_add(1, Relaxed);
                 tracing::debug!(error = %e, "fast path: maps full, relaying in userspace");
                 drop(spliced);
-                return super::copy::relay(client, upstream, counters).await;
+                return super::copy::relay(client, upstream, counters, progress).await;
             }
         }
     }
@@ -208,9 +235,9 @@ pub async fn relay(
             }
             tracing::debug!(error = %e, "fast path: socket not spliceable, relaying in userspace");
             drop(spliced);
-            return super::copy::relay(client, upstream, counters).await;
+            return super::copy::relay(client, upstream, counters, progress).await;
         }
-        spliced.targets.push(cookie);
+        progress.add_target(cookie);
     }
     // Then each socket as a source, upstream first. One that is refused (its FIN
     // arrived meanwhile) leaves just its direction to the daemon.
@@ -224,12 +251,14 @@ pub async fn relay(
         );
         w.in_kernel.store(true, Relaxed);
         w.counters.enter_kernel(w.from_cookie);
+        w.progress.set_path(PathState::Kernel);
         if let Err(e) = splicer.splice_source(w.from_cookie, w.from) {
             tracing::debug!(error = %e, "fast path: one direction relayed in userspace");
             w.in_kernel.store(false, Relaxed);
             splicer.live.forget(w.from_cookie);
             w.counters.leave_kernel(0);
             w.counters.drop_path(super::DataPath::Kernel);
+            w.progress.set_path(PathState::Copy);
         }
     }
     // Bytes queued before insertion wait for new data unless poked. The poke takes the
@@ -243,18 +272,109 @@ pub async fn relay(
             }
         }
     }
-    let (up, down) = (&spliced.ways[0], &spliced.ways[1]);
-    let both = async { tokio::try_join!(direction(splicer, up), direction(splicer, down)) };
-    let end = tokio::select! {
+    run_ways(splicer, &spliced, client, upstream, counters, progress).await
+}
+
+/// Continues a tunnel adopted from the daemon taken over (`takeover`): its directions
+/// in the kernel stay there (their sockets never left the maps; the hand-off thread of
+/// this process watches them from now on), the others continue in userspace on the path
+/// they were on, their held bytes first.
+pub async fn resume(
+    splicer: &Splicer,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+) -> RelayEnd {
+    let mut spliced = Spliced {
+        splicer,
+        counters,
+        progress,
+        ways: Vec::with_capacity(2),
+    };
+    let ways = [
+        (
+            client,
+            upstream,
+            &counters.client_to_upstream,
+            &progress.client_to_upstream,
+        ),
+        (
+            upstream,
+            client,
+            &counters.upstream_to_client,
+            &progress.upstream_to_client,
+        ),
+    ];
+    for (from, to, dir_counters, dir_progress) in ways {
+        let Some(k) = dir_progress.kernel() else {
+            continue;
+        };
+        let way = Way {
+            from_cookie: k.cookie,
+            from,
+            to,
+            to_base: k.to_base,
+            from_base: k.from_base,
+            slot: k.slot,
+            counters: dir_counters,
+            progress: dir_progress,
+            in_kernel: AtomicBool::new(false),
+            handoff: Arc::new(Notify::new()),
+        };
+        spliced.ways.push(way);
+    }
+    for w in spliced.ways.iter_mut() {
+        if w.progress.path() == PathState::Kernel {
+            w.handoff = splicer.adopt_direction(
+                w.from_cookie,
+                w.slot,
+                w.from.as_raw_fd(),
+                w.to.as_raw_fd(),
+                w.to_base,
+            );
+            w.in_kernel.store(true, Relaxed);
+            w.counters.enter_kernel(w.from_cookie);
+        }
+    }
+    run_ways(splicer, &spliced, client, upstream, counters, progress).await
+}
+
+/// Runs both directions until they end (or fail), each from where it stands.
+async fn run_ways(
+    splicer: &Splicer,
+    spliced: &Spliced<'_>,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+) -> RelayEnd {
+    let way_from = |s: &TcpStream| spliced.ways.iter().find(|w| std::ptr::eq(w.from, s));
+    let up = direction(
+        splicer,
+        way_from(client),
+        client,
+        upstream,
+        &counters.client_to_upstream,
+        &progress.client_to_upstream,
+    );
+    let down = direction(
+        splicer,
+        way_from(upstream),
+        upstream,
+        client,
+        &counters.upstream_to_client,
+        &progress.upstream_to_client,
+    );
+    let both = async { tokio::try_join!(up, down) };
+    tokio::select! {
         r = both => match r {
             Ok(_) => RelayEnd::Closed,
             Err(e) => RelayEnd::Reset(e.kind()),
         },
         e = watch_error(client) => RelayEnd::Reset(e.kind()),
         e = watch_error(upstream) => RelayEnd::Reset(e.kind()),
-    };
-    drop(spliced);
-    end
+    }
 }
 
 /// Clears tokio's read readiness so the next `readable()` waits for a new kernel event.
@@ -335,19 +455,26 @@ fn verdict_state(splicer: &Splicer, way: &Way<'_>) -> io::Result<proxy_common::D
 
 /// One direction: while spliced, sleeps until the source's EOF (then finishes it once
 /// every redirected byte is in `to`'s stream) or until the verdict asks for a hand-off
-/// (then takes it out of the kernel and relays it here).
-async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
-    let (from, to, moved) = (way.from, way.to, way.counters);
-    let spliced = way.in_kernel.load(Relaxed);
-    let mut handoff = 0;
-    if spliced {
+/// (then takes it out of the kernel and relays it here). A direction out of the kernel
+/// continues on the userspace path its progress names.
+async fn direction(
+    splicer: &Splicer,
+    way: Option<&Way<'_>>,
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &DirectionCounters,
+    progress: &WayProgress,
+) -> io::Result<()> {
+    if let Some(way) = way.filter(|w| w.in_kernel.load(Relaxed)) {
         tokio::select! {
             r = wait_eof(from) => {
                 r?;
                 let dir = final_state(splicer, way)?;
                 wait_delivered(to, way.to_base, dir.redirected).await?;
                 way.leave_kernel(splicer, dir.redirected);
-                return socket::shutdown_write(to);
+                socket::shutdown_write(to)?;
+                progress.set_path(PathState::Closed);
+                return Ok(());
             }
             _ = way.handoff.notified() => {}
         }
@@ -356,7 +483,7 @@ async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
         // takes it too, so the verdict's count below is final.
         sys::stream_position(from)?;
         let dir = final_state(splicer, way)?;
-        handoff = splicer.accounting.handoff(way.slot);
+        let handoff = splicer.accounting.handoff(way.slot);
         moved.handed_off(handoff);
         tracing::debug!(
             redirected = dir.redirected,
@@ -367,18 +494,23 @@ async fn direction(splicer: &Splicer, way: &Way<'_>) -> io::Result<()> {
         );
         wait_delivered(to, way.to_base, dir.redirected).await?;
         way.leave_kernel(splicer, dir.redirected);
+        progress.set_path(if handoff == HANDOFF_DIRECTION_BUDGET {
+            // Over its own budget: a bulk direction, where splice(2) is the fastest
+            // relay measured here (docs/fastpath.md); its pipe exists only for it.
+            PathState::Splice
+        } else {
+            // Handed over because the machine-wide limit was reached: under memory
+            // pressure the copy relay holds least (no pipe buffer).
+            PathState::Copy
+        });
     }
-    if drain_queued(from, to, moved).await? {
-        return Ok(());
-    }
-    if handoff == HANDOFF_DIRECTION_BUDGET {
-        // Over its own budget: a bulk direction, where splice(2) is the fastest relay
-        // measured here (docs/fastpath.md); its pipe exists only for it.
-        super::splice::one_way(from, to, moved).await
-    } else {
-        // Never spliced, or handed over because the machine-wide limit was reached:
-        // under memory pressure the copy relay holds least (no pipe buffer).
-        super::copy::one_way(from, to, moved).await
+    match progress.path() {
+        PathState::Splice => super::splice::one_way(from, to, moved, progress).await,
+        PathState::Closed => Ok(()),
+        // Never spliced (its source was refused by the map), or copied already.
+        PathState::Copy | PathState::Start | PathState::Kernel => {
+            super::copy::one_way(from, to, moved, progress).await
+        }
     }
 }
 
@@ -403,36 +535,6 @@ async fn wait_eof(from: &TcpStream) -> io::Result<()> {
         } else {
             from.readable().await?;
             clear_readable(from);
-        }
-    }
-}
-
-/// Relays what `from` already holds with plain syscalls; true when that reached EOF.
-///
-/// The watch loop above clears tokio's read readiness before it peeks, so when it sees
-/// the budget flip the passed bytes may already be queued with no readiness left. The
-/// sender, its window closed by those very bytes, sends nothing more to raise a new
-/// edge; waiting for readiness here would wait for ever.
-async fn drain_queued(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &DirectionCounters,
-) -> io::Result<bool> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match sys::recv(from, &mut buf) {
-            Ok(0) => {
-                socket::shutdown_write(to)?;
-                return Ok(true);
-            }
-            Ok(n) => {
-                socket::write_all(to, &buf[..n]).await?;
-                moved.use_path(super::DataPath::Copy);
-                moved.copied(n as u64);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
     }
 }

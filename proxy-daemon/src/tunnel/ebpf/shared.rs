@@ -4,6 +4,7 @@
 //! atomics (the daemon must take bytes off the count for directions the verdict no longer
 //! sees: quiet ones, and those that left the kernel).
 
+use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
@@ -70,18 +71,69 @@ impl<T> Drop for MappedArray<T> {
 pub struct Accounting {
     ledger: MappedArray<Ledger>,
     memory: MappedArray<KernelMemory>,
-    /// Ledger slots not in use by a direction.
-    free: Mutex<Vec<u32>>,
+    slots: Mutex<Slots>,
+}
+
+/// Who uses which ledger slot.
+struct Slots {
+    /// Slots not in use by a direction.
+    free: Vec<u32>,
+    /// No slot is handed out any more: the maps are moving to a successor.
+    frozen: bool,
+    /// Slots the daemon taken over was using that no adopted direction has claimed
+    /// yet: freed once that daemon is done (its own tunnels that ended freed them).
+    unclaimed: HashSet<u32>,
 }
 
 impl Accounting {
     pub fn new(ledger: MappedArray<Ledger>, memory: MappedArray<KernelMemory>) -> Self {
-        let free = (0..ledger.len as u32).rev().collect();
+        Self::adopted(ledger, memory, &[])
+    }
+
+    /// The accounting of maps taken over from another daemon, which used `used`.
+    pub fn adopted(
+        ledger: MappedArray<Ledger>,
+        memory: MappedArray<KernelMemory>,
+        used: &[u32],
+    ) -> Self {
+        let unclaimed: HashSet<u32> = used.iter().copied().collect();
+        let free = (0..ledger.len as u32)
+            .rev()
+            .filter(|s| !unclaimed.contains(s))
+            .collect();
         Accounting {
             ledger,
             memory,
-            free: Mutex::new(free),
+            slots: Mutex::new(Slots {
+                free,
+                frozen: false,
+                unclaimed,
+            }),
         }
+    }
+
+    /// Stops handing out slots and returns those in use (for a successor).
+    pub fn freeze(&self) -> Vec<u32> {
+        let mut slots = self.slots.lock().unwrap();
+        slots.frozen = true;
+        let free: HashSet<u32> = slots.free.iter().copied().collect();
+        (0..self.ledger.len as u32)
+            .filter(|s| !free.contains(s))
+            .collect()
+    }
+
+    /// An adopted direction uses `slot`.
+    pub fn claim(&self, slot: u32) {
+        self.slots.lock().unwrap().unclaimed.remove(&slot);
+    }
+
+    /// The daemon taken over is done: slots it used that no adopted direction claimed
+    /// are free. Returns how many.
+    pub fn release_unclaimed(&self) -> usize {
+        let mut slots = self.slots.lock().unwrap();
+        let unclaimed: Vec<u32> = slots.unclaimed.drain().collect();
+        slots.free.extend(&unclaimed);
+        unclaimed.len()
     }
 
     fn memory(&self) -> &KernelMemory {
@@ -91,7 +143,13 @@ impl Accounting {
     /// A zeroed ledger slot for a new direction; `None` when every slot is taken (the
     /// maps are full: the tunnel uses the userspace relay).
     pub fn take_slot(&self) -> Option<u32> {
-        let slot = self.free.lock().unwrap().pop()?;
+        let slot = {
+            let mut slots = self.slots.lock().unwrap();
+            if slots.frozen {
+                return None;
+            }
+            slots.free.pop()?
+        };
         let l = self.ledger.get(slot).expect("slot in range");
         l.redirected.store(0, Relaxed);
         l.delivered.store(0, Relaxed);
@@ -102,7 +160,7 @@ impl Accounting {
     /// Gives a slot back. Only once no verdict can reach it (its direction is out of the
     /// map) and it was [`settle_all`](Self::settle_all)ed.
     pub fn free_slot(&self, slot: u32) {
-        self.free.lock().unwrap().push(slot);
+        self.slots.lock().unwrap().free.push(slot);
     }
 
     /// Bytes the verdict counted as redirected in `slot`.
@@ -169,5 +227,56 @@ impl Accounting {
     /// Over-budget events the ring buffer had no room for, since load.
     pub fn events_missed(&self) -> u64 {
         self.memory().events_missed.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// Shared memory standing in for a `BPF_F_MMAPABLE` array.
+    fn memory(bytes: usize) -> OwnedFd {
+        // SAFETY: memfd_create with a static name; the fd is ours.
+        let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: sizing the memfd we own.
+        assert_eq!(unsafe { libc::ftruncate(fd, bytes as libc::off_t) }, 0);
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn accounting(used: &[u32]) -> Accounting {
+        let slots = 8u32;
+        let ledger = MappedArray::new(memory(4096), slots).unwrap();
+        let mem = MappedArray::new(memory(4096), 1).unwrap();
+        Accounting::adopted(ledger, mem, used)
+    }
+
+    /// Takeover: the running daemon freezes allocation and names the slots in use; the
+    /// successor never hands those out until the daemon taken over is done, and then
+    /// frees only the ones no adopted direction claimed.
+    #[test]
+    fn slots_move_with_a_takeover() {
+        let old = accounting(&[]);
+        let a = old.take_slot().unwrap();
+        let b = old.take_slot().unwrap();
+        let c = old.take_slot().unwrap();
+        old.free_slot(b);
+        let used = old.freeze();
+        assert_eq!(old.take_slot(), None, "frozen");
+        let mut expected = vec![a, c];
+        expected.sort();
+        assert_eq!(used, expected);
+
+        let new = accounting(&used);
+        new.claim(a);
+        let mut got: Vec<u32> = std::iter::from_fn(|| new.take_slot()).collect();
+        got.sort();
+        assert!(!got.contains(&a) && !got.contains(&c), "{got:?}");
+        assert_eq!(got.len(), 6);
+        // `c`'s tunnel ended in the old daemon: freed once it is done; `a` stays in use.
+        assert_eq!(new.release_unclaimed(), 1);
+        assert_eq!(new.take_slot(), Some(c));
+        assert_eq!(new.take_slot(), None);
     }
 }

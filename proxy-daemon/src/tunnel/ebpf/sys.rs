@@ -126,24 +126,6 @@ pub fn peek(fd: &impl AsRawFd) -> io::Result<usize> {
     }
 }
 
-/// Non-blocking `recv` straight from the socket, whatever tokio's readiness says.
-pub fn recv(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: recv into a buffer we own, at most its length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 /// Whether the peer's FIN (or a reset) has arrived: `poll(POLLRDHUP)`, which takes no
 /// socket lock.
 ///

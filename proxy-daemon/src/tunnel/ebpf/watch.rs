@@ -154,7 +154,7 @@ pub struct Shared {
 
 impl Shared {
     /// Takes a direction out of the kernel and counts why; false if it already was.
-    fn hand_off(&self, cookie: u64, reason: u32) -> bool {
+    pub(super) fn hand_off(&self, cookie: u64, reason: u32) -> bool {
         if !self.live.hand_off(cookie, &self.socks) {
             return false;
         }
@@ -168,7 +168,34 @@ impl Shared {
     }
 }
 
-/// Starts the thread. The receiver turns `Some(reason)` if it ever stops.
+/// The running thread: [`stop`](Self::stop) ends it without the fatal report.
+pub struct Thread {
+    /// Written to wake the thread and make it return.
+    stop: std::os::fd::OwnedFd,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Thread {
+    /// Stops the thread (a takeover: the successor's thread takes over the ring and the
+    /// directions) and waits until it has returned. Whatever it has not read stays in
+    /// the ring for the successor.
+    pub async fn stop(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write to our eventfd.
+        unsafe {
+            libc::write(
+                self.stop.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+/// Starts the thread. The receiver turns `Some(reason)` if it ever fails.
 ///
 /// A thread of its own rather than a tokio task: between the verdict's request and the
 /// removal from `SOCKS` the kernel keeps redirecting at line rate, so the reaction time
@@ -176,20 +203,29 @@ impl Shared {
 /// never behind other tasks.
 pub fn spawn(
     events: RingBuf<MapData>,
-    shared: Shared,
-) -> anyhow::Result<watch::Receiver<Option<String>>> {
+    shared: Arc<Shared>,
+) -> anyhow::Result<(Thread, watch::Receiver<Option<String>>)> {
     let fault = std::env::var(FAULT_ENV).is_ok_and(|f| f == "event-reader-panic");
     let (tx, rx) = watch::channel(None);
-    std::thread::Builder::new()
+    // SAFETY: eventfd has no preconditions; the fd is ours on success.
+    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if stop < 0 {
+        return Err(std::io::Error::last_os_error()).context("eventfd for the hand-off thread");
+    }
+    // SAFETY: a new fd, owned by nobody else.
+    let stop = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(stop) };
+    let stop_raw = stop.as_raw_fd();
+    let handle = std::thread::Builder::new()
         .name("fastpath-handoff".into())
         .spawn(move || {
             // Its end, panic or not, is reported through `tx`: the daemon stops in order.
             crate::panic::owner_handles_this_thread();
             let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(events, &shared, fault)
+                run(events, &shared, stop_raw, fault)
             }));
             let reason = match ended {
-                Ok(e) => format!("{e:#}"),
+                Ok(None) => return,
+                Ok(Some(e)) => format!("{e:#}"),
                 Err(_) => "it panicked".to_string(),
             };
             tracing::error!(
@@ -199,27 +235,49 @@ pub fn spawn(
             let _ = tx.send(Some(reason));
         })
         .context("starting the fast path's hand-off thread")?;
-    Ok(rx)
+    Ok((
+        Thread {
+            stop,
+            handle: Some(handle),
+        },
+        rx,
+    ))
 }
 
-fn run(mut events: RingBuf<MapData>, shared: &Shared, fault: bool) -> anyhow::Error {
+/// Until told to stop (`None`) or failing (`Some`).
+fn run(
+    mut events: RingBuf<MapData>,
+    shared: &Shared,
+    stop: RawFd,
+    fault: bool,
+) -> Option<anyhow::Error> {
     let fd = events.as_raw_fd();
     let mut settled = Instant::now();
     let mut missed_seen = 0;
     loop {
         let wait = SETTLE_EVERY.saturating_sub(settled.elapsed());
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd, valid for the call.
-        if unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) } < 0 {
+        let mut pfd = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two pollfds, valid for the call.
+        if unsafe { libc::poll(pfd.as_mut_ptr(), 2, wait.as_millis() as libc::c_int) } < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return anyhow::Error::new(e).context("waiting on the event ring");
+            return Some(anyhow::Error::new(e).context("waiting on the event ring"));
+        }
+        if pfd[1].revents != 0 {
+            return None;
         }
         while let Some(item) = events.next() {
             assert!(!fault, "test fault: event reader panics");
@@ -245,27 +303,40 @@ fn run(mut events: RingBuf<MapData>, shared: &Shared, fault: bool) -> anyhow::Er
         let missed = shared.accounting.events_missed();
         if missed != missed_seen {
             missed_seen = missed;
-            let found: Vec<(u64, u32)> = shared
-                .live
-                .over_budget_in_ledger(&shared.accounting)
-                .into_iter()
-                .filter(|&(cookie, reason)| shared.hand_off(cookie, reason))
-                .collect();
-            shared
-                .stats
-                .handoffs_found_by_scan
-                .fetch_add(found.len() as u64, Relaxed);
+            let found = scan_ledger(shared);
             tracing::warn!(
                 events_missed = missed,
-                found = found.len(),
+                found,
                 "fast path: the event ring was full; directions over budget found through the ledger"
             );
         }
         if settled.elapsed() >= SETTLE_EVERY {
             shared.live.settle_quiet(&shared.accounting);
+            // Also a request whose event went to a process that stopped reading the
+            // ring before it acted (a takeover), or came before its direction was
+            // watched here.
+            let found = scan_ledger(shared);
+            if found > 0 {
+                tracing::debug!(found, "fast path: hand-offs found through the ledger");
+            }
             settled = Instant::now();
         }
     }
+}
+
+/// Hands over every watched direction whose ledger asks for it; returns how many.
+fn scan_ledger(shared: &Shared) -> usize {
+    let found = shared
+        .live
+        .over_budget_in_ledger(&shared.accounting)
+        .into_iter()
+        .filter(|&(cookie, reason)| shared.hand_off(cookie, reason))
+        .count();
+    shared
+        .stats
+        .handoffs_found_by_scan
+        .fetch_add(found as u64, Relaxed);
+    found
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the clock of `bpf_ktime_get_ns`).
