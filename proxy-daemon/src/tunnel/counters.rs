@@ -99,6 +99,11 @@ impl DirectionCounters {
         self.zero_hop_port.store(port as u32, Relaxed);
     }
 
+    /// Zero-hop carried this direction at some point (in this process or one taken over).
+    pub fn used_zero_hop(&self) -> bool {
+        self.paths.load(Relaxed) & DataPath::ZeroHop.bit() != 0
+    }
+
     /// Zero-hop stopped after the app's sends put `redirected` bytes into the
     /// destination.
     pub(super) fn leave_zero_hop(&self, redirected: u64) {

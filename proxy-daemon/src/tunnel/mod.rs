@@ -407,6 +407,9 @@ async fn run(tunnels: &Tunnels, r: Running) {
     let mut zero_hop = zero_hop;
     let mut zero_hop_state = if zero_hop.is_some() {
         "registered"
+    } else if counters.upstream_to_client.used_zero_hop() {
+        // Adopted: the daemon taken over switched it back to the normal hop.
+        "ended by takeover"
     } else {
         "off"
     };
