@@ -138,7 +138,11 @@ impl Daemon {
     }
 
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        // Lossy: a read that catches the daemon's writer mid-line may end inside a
+        // multi-byte character, which must not turn the whole log into "".
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// The log once it contains `needle` (lines are written in batches, a few

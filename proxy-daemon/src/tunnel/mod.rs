@@ -569,6 +569,9 @@ async fn relay_zero_hop(
     counters: &TunnelCounters,
     progress: &Progress,
 ) -> RelayEnd {
+    // From here on app → client continues as a splice(2) relay wherever it stops (a
+    // takeover hands it over on that path).
+    progress.upstream_to_client.set_path(PathState::Splice);
     let down = zero_hop::app_to_client(
         registration,
         upstream,
