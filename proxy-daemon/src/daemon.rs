@@ -150,7 +150,12 @@ async fn check(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    println!("--splice {:?} configured", args.splice);
+    let configured = match args.splice {
+        SpliceMode::Auto => "auto",
+        SpliceMode::Ebpf => "ebpf",
+        SpliceMode::Off => "off (the userspace relay whatever the kernel allows)",
+    };
+    println!("--splice configured: {configured}");
     println!(
         "{}",
         if ok {
