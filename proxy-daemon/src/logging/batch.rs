@@ -121,7 +121,8 @@ pub fn flush() {
     });
     let Some(buffer) = taken else { return };
     let mut queue = shared.queue.lock().unwrap();
-    let spare = queue.spare.pop();
+    // Workers refill a recycled batch buffer; other threads log rarely, line by line.
+    let spare = BATCHING.with(Cell::get).then(|| queue.spare.pop()).flatten();
     if queue.bytes + buffer.len() > MAX_PENDING_BYTES {
         let lines = buffer.iter().filter(|&&b| b == b'\n').count() as u64;
         queue.dropped_lines += lines;
@@ -136,7 +137,13 @@ pub fn flush() {
     queue.buffers.push(buffer);
     drop(queue);
     // The next lines go into a buffer the writer has emptied (or a new one).
-    BUFFER.with(|b| *b.borrow_mut() = spare.unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES)));
+    BUFFER.with(|b| {
+        *b.borrow_mut() = match spare {
+            Some(buffer) => buffer,
+            None if BATCHING.with(Cell::get) => Vec::with_capacity(BATCH_BYTES),
+            None => Vec::new(),
+        }
+    });
 }
 
 /// Flushes this thread, then waits until the writer has written everything queued and
