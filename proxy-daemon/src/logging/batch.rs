@@ -160,7 +160,6 @@ pub fn stop() {
 
 fn write_loop() {
     let shared = SHARED.get().expect("started");
-    let mut stderr = std::io::stderr().lock();
     loop {
         let (mut buffers, dropped, stopping) = {
             let mut queue = shared.queue.lock().unwrap();
@@ -177,6 +176,9 @@ fn write_loop() {
                 queue.stopping,
             )
         };
+        // Locked only while writing: anything else that writes to stderr (a library's
+        // `eprintln!`) would otherwise block for ever.
+        let mut stderr = std::io::stderr().lock();
         // A failed write (stderr closed) loses these lines; nothing else can be done.
         let _ = write_all_vectored(&mut stderr, &buffers);
         if dropped > 0 {
@@ -191,6 +193,7 @@ fn write_loop() {
             let _ = stderr.write_all(&line);
         }
         let _ = stderr.flush();
+        drop(stderr);
         let done = stopping && buffers.is_empty();
         let mut queue = shared.queue.lock().unwrap();
         for mut b in buffers.drain(..) {
@@ -223,4 +226,28 @@ fn write_all_vectored(out: &mut impl Write, buffers: &[Vec<u8>]) -> std::io::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// The writer thread must not hold stderr between writes: a library that writes
+    /// there itself (`eprintln!`) would block for ever (it did: the first tunnel that
+    /// printed to stderr stopped its worker).
+    #[test]
+    fn other_stderr_writers_never_block() {
+        super::start();
+        super::append(|b| b.extend_from_slice(b"{\"test\":\"line\"}\n"));
+        std::thread::sleep(super::WRITER_TICK * 3);
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            eprintln!("written beside the log writer");
+            let _ = done.send(());
+        });
+        assert!(
+            wait.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "eprintln blocked behind the log writer"
+        );
+    }
 }
