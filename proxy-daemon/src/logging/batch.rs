@@ -122,7 +122,10 @@ pub fn flush() {
     let Some(buffer) = taken else { return };
     let mut queue = shared.queue.lock().unwrap();
     // Workers refill a recycled batch buffer; other threads log rarely, line by line.
-    let spare = BATCHING.with(Cell::get).then(|| queue.spare.pop()).flatten();
+    let spare = BATCHING
+        .with(Cell::get)
+        .then(|| queue.spare.pop())
+        .flatten();
     if queue.bytes + buffer.len() > MAX_PENDING_BYTES {
         let lines = buffer.iter().filter(|&&b| b == b'\n').count() as u64;
         queue.dropped_lines += lines;

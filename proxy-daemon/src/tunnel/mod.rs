@@ -14,7 +14,9 @@ pub mod socket;
 pub mod splice;
 pub mod transfer;
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -366,23 +368,7 @@ async fn run(tunnels: &Tunnels, r: Running) {
     } = r;
     let relay = &tunnels.relay;
     let counters = &live.counters;
-    let relayed = async {
-        if resume {
-            return resume_relay(relay, &client, &upstream, counters, &progress).await;
-        }
-        if let Err(e) = forward_leftovers(&client, &upstream, counters, &progress).await {
-            return RelayEnd::Reset(e.kind());
-        }
-        match relay {
-            Relay::Copy => copy::relay(&client, &upstream, counters, &progress).await,
-            Relay::Splice => splice::relay(&client, &upstream, counters, &progress).await,
-            Relay::Ebpf(splicer) => {
-                ebpf::relay(splicer, &client, &upstream, counters, &progress).await
-            }
-        }
-    };
-    // Boxed so that it can be dropped before the sockets move on.
-    let mut relayed = Box::pin(relayed);
+    let mut relayed = relay_future(relay, &client, &upstream, counters, &progress, resume);
     let end = tokio::select! {
         // First: a tunnel paused for a takeover must not start anything new.
         biased;
@@ -406,6 +392,36 @@ async fn run(tunnels: &Tunnels, r: Running) {
         socket::reset_on_close(&upstream);
     }
     log_closed(&tunnels.registry, &live, relay, &end, takeovers);
+}
+
+/// The tunnel's relay, boxed on its own: the task keeps only a pointer, and the box
+/// holds the one data path this tunnel runs, not the largest of them.
+fn relay_future<'a>(
+    relay: &'a Relay,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    counters: &'a TunnelCounters,
+    progress: &'a Progress,
+    resume: bool,
+) -> Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> {
+    if resume {
+        return Box::pin(resume_relay(relay, client, upstream, counters, progress));
+    }
+    // The bytes hyper read past the upgrade go first, then the relay starts (boxed
+    // apart: the leftovers' state is not kept for the tunnel's life).
+    Box::pin(async move {
+        if let Err(e) = forward_leftovers(client, upstream, counters, progress).await {
+            return RelayEnd::Reset(e.kind());
+        }
+        let relay: Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> = match relay {
+            Relay::Copy => Box::pin(copy::relay(client, upstream, counters, progress)),
+            Relay::Splice => Box::pin(splice::relay(client, upstream, counters, progress)),
+            Relay::Ebpf(splicer) => {
+                Box::pin(ebpf::relay(splicer, client, upstream, counters, progress))
+            }
+        };
+        relay.await
+    })
 }
 
 /// Removes an ended tunnel from the registry and logs its closing line.

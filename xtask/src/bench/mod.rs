@@ -68,11 +68,15 @@ pub fn run(quick: bool) -> Result<()> {
     // comma-separated substrings of system names and of scenario descriptions. Their
     // results go under target/bench-partial/, never to bench/results/.
     let only = |var: &str| -> Option<Vec<String>> {
-        std::env::var(var)
-            .ok()
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+        std::env::var(var).ok().map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
     };
-    let (only_systems, only_scenarios) = (only("XTASK_BENCH_SYSTEMS"), only("XTASK_BENCH_SCENARIOS"));
+    let (only_systems, only_scenarios) =
+        (only("XTASK_BENCH_SYSTEMS"), only("XTASK_BENCH_SCENARIOS"));
     let partial = only_systems.is_some() || only_scenarios.is_some();
     let mut entries: Vec<Entry> = scenarios::all(quick)
         .into_iter()

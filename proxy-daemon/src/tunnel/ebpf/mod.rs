@@ -154,7 +154,7 @@ pub async fn relay(
 ) -> RelayEnd {
     let (c, u) = match (sys::cookie(client), sys::cookie(upstream)) {
         (Ok(c), Ok(u)) => (c, u),
-        _ => return super::copy::relay(client, upstream, counters, progress).await,
+        _ => return Box::pin(super::copy::relay(client, upstream, counters, progress)).await,
     };
     // Where each send stream stands before any byte is redirected into it.
     let (client_base, upstream_base) =
@@ -224,7 +224,7 @@ pub async fn relay(
                 splicer.stats.maps_full.fetch_add(1, Relaxed);
                 tracing::debug!(error = %e, "fast path: maps full, relaying in userspace");
                 drop(spliced);
-                return super::copy::relay(client, upstream, counters, progress).await;
+                return Box::pin(super::copy::relay(client, upstream, counters, progress)).await;
             }
         }
     }
@@ -235,7 +235,7 @@ pub async fn relay(
             }
             tracing::debug!(error = %e, "fast path: socket not spliceable, relaying in userspace");
             drop(spliced);
-            return super::copy::relay(client, upstream, counters, progress).await;
+            return Box::pin(super::copy::relay(client, upstream, counters, progress)).await;
         }
         progress.add_target(cookie);
     }
@@ -272,7 +272,11 @@ pub async fn relay(
             }
         }
     }
-    run_ways(splicer, &spliced, client, upstream, counters, progress).await
+    // Boxed: this frame's set-up state is not kept for the tunnel's life.
+    let ways = Box::pin(run_ways(
+        splicer, &spliced, client, upstream, counters, progress,
+    ));
+    ways.await
 }
 
 /// Continues a tunnel adopted from the daemon taken over (`takeover`): its directions
@@ -350,23 +354,27 @@ async fn run_ways(
     progress: &Progress,
 ) -> RelayEnd {
     let way_from = |s: &TcpStream| spliced.ways.iter().find(|w| std::ptr::eq(w.from, s));
-    let up = direction(
-        splicer,
-        way_from(client),
-        client,
-        upstream,
-        &counters.client_to_upstream,
-        &progress.client_to_upstream,
-    );
-    let down = direction(
-        splicer,
-        way_from(upstream),
-        upstream,
-        client,
-        &counters.upstream_to_client,
-        &progress.upstream_to_client,
-    );
-    let both = async { tokio::try_join!(up, down) };
+    // The direction futures are made inside the block, so they are stored once.
+    let both = async {
+        tokio::try_join!(
+            direction(
+                splicer,
+                way_from(client),
+                client,
+                upstream,
+                &counters.client_to_upstream,
+                &progress.client_to_upstream,
+            ),
+            direction(
+                splicer,
+                way_from(upstream),
+                upstream,
+                client,
+                &counters.upstream_to_client,
+                &progress.upstream_to_client,
+            )
+        )
+    };
     tokio::select! {
         r = both => match r {
             Ok(_) => RelayEnd::Closed,
@@ -375,6 +383,12 @@ async fn run_ways(
         e = watch_error(client) => RelayEnd::Reset(e.kind()),
         e = watch_error(upstream) => RelayEnd::Reset(e.kind()),
     }
+}
+
+/// A sleep on a path an idle tunnel never takes. Boxed: a timer inline would sit in
+/// every idle tunnel's future (issue 9: an idle tunnel holds as little as possible).
+async fn rare_sleep(d: Duration) {
+    Box::pin(tokio::time::sleep(d)).await
 }
 
 /// Clears tokio's read readiness so the next `readable()` waits for a new kernel event.
@@ -395,7 +409,7 @@ async fn watch_error(s: &TcpStream) -> io::Error {
             Ok(Some(e)) | Err(e) => return e,
             // Error readiness stays set once seen; if a relay's own syscall already
             // took the error, do not spin on it.
-            Ok(None) if seen_ready => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(None) if seen_ready => rare_sleep(Duration::from_millis(50)).await,
             Ok(None) => {}
         }
         if let Err(e) = s.ready(Interest::ERROR).await {
@@ -505,11 +519,11 @@ async fn direction(
         });
     }
     match progress.path() {
-        PathState::Splice => super::splice::one_way(from, to, moved, progress).await,
+        PathState::Splice => Box::pin(super::splice::one_way(from, to, moved, progress)).await,
         PathState::Closed => Ok(()),
         // Never spliced (its source was refused by the map), or copied already.
         PathState::Copy | PathState::Start | PathState::Kernel => {
-            super::copy::one_way(from, to, moved, progress).await
+            Box::pin(super::copy::one_way(from, to, moved, progress)).await
         }
     }
 }
@@ -525,9 +539,9 @@ async fn wait_eof(from: &TcpStream) -> io::Result<()> {
                 Ok(0) => return Ok(()),
                 // The verdict never passes bytes to the socket itself, so they are the
                 // parser's still: it has not reached the FIN yet.
-                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Ok(_) => rare_sleep(Duration::from_millis(1)).await,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(Duration::from_millis(1)).await
+                    rare_sleep(Duration::from_millis(1)).await
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -564,7 +578,7 @@ async fn wait_delivered(to: &TcpStream, base: u64, redirected: u64) -> io::Resul
                 sys::take_error(to)?.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())
             );
         }
-        tokio::time::sleep(delay).await;
+        rare_sleep(delay).await;
         delay = (delay * 2).min(MAX_POLL);
     }
 }
