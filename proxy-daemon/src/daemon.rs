@@ -180,7 +180,12 @@ async fn check(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    println!("--splice {:?} configured", args.splice);
+    let configured = match args.splice {
+        SpliceMode::Auto => "auto",
+        SpliceMode::Ebpf => "ebpf",
+        SpliceMode::Off => "off (the userspace relay whatever the kernel allows)",
+    };
+    println!("--splice configured: {configured}");
     // Zero-hop: whether its programs load and attach here, and what `auto` chooses.
     match zero_hop::ZeroHop::load(args.listen.port()) {
         Ok(zh) => println!(

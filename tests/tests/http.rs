@@ -412,6 +412,10 @@ async fn secret_is_required_compared_and_stripped_and_never_logged() -> Result<(
     let (_, head, _) =
         client::upgrade(&s.topo.client, s.addr(), "localhost:4096", "websocket", "").await?;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // Lines reach the file in batches: wait for the start line, then read everything.
+    s.daemon
+        .log_containing("project-ingress-proxy started")
+        .await?;
     let logs = s.daemon.logs();
     assert!(!logs.contains(secret), "secret in logs");
     let start = logs

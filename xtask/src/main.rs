@@ -266,6 +266,8 @@ fn cargo_test(binary: &Path, extra: &[String], env: &[(&str, &str)]) -> Result<(
     let mut cmd = Command::new(cargo());
     cmd.current_dir(&root)
         .args(["test", "--release", "--workspace"])
+        // The whole suite reports every failing test binary, not only the first.
+        .args(extra.is_empty().then_some("--no-fail-fast"))
         .args(extra)
         .env("PROJECT_INGRESS_PROXY_BIN", binary)
         .envs(env.iter().copied());

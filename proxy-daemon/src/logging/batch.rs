@@ -121,7 +121,11 @@ pub fn flush() {
     });
     let Some(buffer) = taken else { return };
     let mut queue = shared.queue.lock().unwrap();
-    let spare = queue.spare.pop();
+    // Workers refill a recycled batch buffer; other threads log rarely, line by line.
+    let spare = BATCHING
+        .with(Cell::get)
+        .then(|| queue.spare.pop())
+        .flatten();
     if queue.bytes + buffer.len() > MAX_PENDING_BYTES {
         let lines = buffer.iter().filter(|&&b| b == b'\n').count() as u64;
         queue.dropped_lines += lines;
@@ -136,7 +140,13 @@ pub fn flush() {
     queue.buffers.push(buffer);
     drop(queue);
     // The next lines go into a buffer the writer has emptied (or a new one).
-    BUFFER.with(|b| *b.borrow_mut() = spare.unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES)));
+    BUFFER.with(|b| {
+        *b.borrow_mut() = match spare {
+            Some(buffer) => buffer,
+            None if BATCHING.with(Cell::get) => Vec::with_capacity(BATCH_BYTES),
+            None => Vec::new(),
+        }
+    });
 }
 
 /// Flushes this thread, then waits until the writer has written everything queued and
@@ -153,7 +163,6 @@ pub fn stop() {
 
 fn write_loop() {
     let shared = SHARED.get().expect("started");
-    let mut stderr = std::io::stderr().lock();
     loop {
         let (mut buffers, dropped, stopping) = {
             let mut queue = shared.queue.lock().unwrap();
@@ -170,6 +179,9 @@ fn write_loop() {
                 queue.stopping,
             )
         };
+        // Locked only while writing: anything else that writes to stderr (a library's
+        // `eprintln!`) would otherwise block for ever.
+        let mut stderr = std::io::stderr().lock();
         // A failed write (stderr closed) loses these lines; nothing else can be done.
         let _ = write_all_vectored(&mut stderr, &buffers);
         if dropped > 0 {
@@ -184,6 +196,7 @@ fn write_loop() {
             let _ = stderr.write_all(&line);
         }
         let _ = stderr.flush();
+        drop(stderr);
         let done = stopping && buffers.is_empty();
         let mut queue = shared.queue.lock().unwrap();
         for mut b in buffers.drain(..) {
@@ -216,4 +229,28 @@ fn write_all_vectored(out: &mut impl Write, buffers: &[Vec<u8>]) -> std::io::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// The writer thread must not hold stderr between writes: a library that writes
+    /// there itself (`eprintln!`) would block for ever (it did: the first tunnel that
+    /// printed to stderr stopped its worker).
+    #[test]
+    fn other_stderr_writers_never_block() {
+        super::start();
+        super::append(|b| b.extend_from_slice(b"{\"test\":\"line\"}\n"));
+        std::thread::sleep(super::WRITER_TICK * 3);
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            eprintln!("written beside the log writer");
+            let _ = done.send(());
+        });
+        assert!(
+            wait.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "eprintln blocked behind the log writer"
+        );
+    }
 }

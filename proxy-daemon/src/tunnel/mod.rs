@@ -15,7 +15,9 @@ pub mod splice;
 pub mod transfer;
 pub mod zero_hop;
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -413,31 +415,18 @@ async fn run(tunnels: &Tunnels, r: Running) {
     } else {
         "off"
     };
-    let relayed = async {
-        if resume {
-            return resume_relay(relay, &client, &upstream, counters, &progress).await;
-        }
-        if let Err(e) = forward_leftovers(&client, &upstream, counters, &progress).await {
-            return RelayEnd::Reset(e.kind());
-        }
-        // The leftovers are in the client socket: redirects may start.
-        if let Some(registration) = pair(&mut zero_hop, &client, &mut zero_hop_state) {
-            counters
-                .upstream_to_client
-                .enter_zero_hop(registration.port());
-            return relay_zero_hop(relay, registration, &client, &upstream, counters, &progress)
-                .await;
-        }
-        match relay {
-            Relay::Copy => copy::relay(&client, &upstream, counters, &progress).await,
-            Relay::Splice => splice::relay(&client, &upstream, counters, &progress).await,
-            Relay::Ebpf(splicer) => {
-                ebpf::relay(splicer, &client, &upstream, counters, &progress).await
-            }
-        }
-    };
-    // Boxed so that it can be dropped before the sockets move on.
-    let mut relayed = Box::pin(relayed);
+    let mut relayed = relay_future(
+        relay,
+        &client,
+        &upstream,
+        counters,
+        &progress,
+        resume,
+        ZeroHopStart {
+            registration: &mut zero_hop,
+            state: &mut zero_hop_state,
+        },
+    );
     let end = tokio::select! {
         // First: a tunnel paused for a takeover must not start anything new.
         biased;
@@ -472,6 +461,58 @@ async fn run(tunnels: &Tunnels, r: Running) {
         takeovers,
         zero_hop_state,
     );
+}
+
+/// A new tunnel's zero-hop registration (if any) and the word its closing line gives.
+struct ZeroHopStart<'a> {
+    registration: &'a mut Option<zero_hop::Registration>,
+    state: &'a mut &'static str,
+}
+
+/// The tunnel's relay, boxed on its own: the task keeps only a pointer, and the box
+/// holds the one data path this tunnel runs, not the largest of them.
+fn relay_future<'a>(
+    relay: &'a Relay,
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    counters: &'a TunnelCounters,
+    progress: &'a Progress,
+    resume: bool,
+    zero_hop: ZeroHopStart<'a>,
+) -> Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> {
+    if resume {
+        return Box::pin(resume_relay(relay, client, upstream, counters, progress));
+    }
+    // The bytes hyper read past the upgrade go first, then the relay starts (boxed
+    // apart: the leftovers' state is not kept for the tunnel's life).
+    Box::pin(async move {
+        if let Err(e) = forward_leftovers(client, upstream, counters, progress).await {
+            return RelayEnd::Reset(e.kind());
+        }
+        // The leftovers are in the client socket: redirects may start.
+        if let Some(registration) = pair(zero_hop.registration, client, zero_hop.state) {
+            counters
+                .upstream_to_client
+                .enter_zero_hop(registration.port());
+            let relay = Box::pin(relay_zero_hop(
+                relay,
+                registration,
+                client,
+                upstream,
+                counters,
+                progress,
+            ));
+            return relay.await;
+        }
+        let relay: Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> = match relay {
+            Relay::Copy => Box::pin(copy::relay(client, upstream, counters, progress)),
+            Relay::Splice => Box::pin(splice::relay(client, upstream, counters, progress)),
+            Relay::Ebpf(splicer) => {
+                Box::pin(ebpf::relay(splicer, client, upstream, counters, progress))
+            }
+        };
+        relay.await
+    })
 }
 
 /// Removes an ended tunnel from the registry and logs its closing line.

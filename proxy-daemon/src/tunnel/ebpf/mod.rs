@@ -213,7 +213,7 @@ async fn relay_with(
 ) -> RelayEnd {
     let (c, u) = match (sys::cookie(client), sys::cookie(upstream)) {
         (Ok(c), Ok(u)) => (c, u),
-        _ => return userspace(client, upstream, counters, progress, down).await,
+        _ => return Box::pin(userspace(client, upstream, counters, progress, down)).await,
     };
     // Upstream → client in the kernel too (not for zero-hop).
     let both_ways = down.is_none();
@@ -288,7 +288,7 @@ async fn relay_with(
                 splicer.stats.maps_full.fetch_add(1, Relaxed);
                 tracing::debug!(error = %e, "fast path: maps full, relaying in userspace");
                 drop(spliced);
-                return userspace(client, upstream, counters, progress, down).await;
+                return Box::pin(userspace(client, upstream, counters, progress, down)).await;
             }
         }
     }
@@ -299,7 +299,7 @@ async fn relay_with(
             }
             tracing::debug!(error = %e, "fast path: socket not spliceable, relaying in userspace");
             drop(spliced);
-            return userspace(client, upstream, counters, progress, down).await;
+            return Box::pin(userspace(client, upstream, counters, progress, down)).await;
         }
         progress.add_target(cookie);
     }
@@ -336,10 +336,11 @@ async fn relay_with(
             }
         }
     }
-    run_ways(
+    // Boxed: this frame's set-up state is not kept for the tunnel's life.
+    let ways = Box::pin(run_ways(
         splicer, &spliced, client, upstream, counters, progress, down,
-    )
-    .await
+    ));
+    ways.await
 }
 
 /// Continues a tunnel adopted from the daemon taken over (`takeover`): its directions
@@ -429,31 +430,36 @@ async fn run_ways(
     down_override: Option<impl Future<Output = io::Result<()>>>,
 ) -> RelayEnd {
     let way_from = |s: &TcpStream| spliced.ways.iter().find(|w| std::ptr::eq(w.from, s));
-    let up = direction(
-        splicer,
-        way_from(client),
-        client,
-        upstream,
-        &counters.client_to_upstream,
-        &progress.client_to_upstream,
-    );
-    let down = async {
-        match down_override {
-            Some(down) => down.await,
-            None => {
-                direction(
-                    splicer,
-                    way_from(upstream),
-                    upstream,
-                    client,
-                    &counters.upstream_to_client,
-                    &progress.upstream_to_client,
-                )
-                .await
+    // The direction futures are made inside the block, so they are stored once.
+    let both = async {
+        tokio::try_join!(
+            direction(
+                splicer,
+                way_from(client),
+                client,
+                upstream,
+                &counters.client_to_upstream,
+                &progress.client_to_upstream,
+            ),
+            async {
+                match down_override {
+                    // Zero-hop: upstream → client is the app's sends and their normal hop.
+                    Some(down) => down.await,
+                    None => {
+                        direction(
+                            splicer,
+                            way_from(upstream),
+                            upstream,
+                            client,
+                            &counters.upstream_to_client,
+                            &progress.upstream_to_client,
+                        )
+                        .await
+                    }
+                }
             }
-        }
+        )
     };
-    let both = async { tokio::try_join!(up, down) };
     tokio::select! {
         r = both => match r {
             Ok(_) => RelayEnd::Closed,
@@ -462,6 +468,12 @@ async fn run_ways(
         e = watch_error(client) => RelayEnd::Reset(e.kind()),
         e = watch_error(upstream) => RelayEnd::Reset(e.kind()),
     }
+}
+
+/// A sleep on a path an idle tunnel never takes. Boxed: a timer inline would sit in
+/// every idle tunnel's future (issue 9: an idle tunnel holds as little as possible).
+async fn rare_sleep(d: Duration) {
+    Box::pin(tokio::time::sleep(d)).await
 }
 
 /// Clears tokio's read readiness so the next `readable()` waits for a new kernel event.
@@ -482,7 +494,7 @@ async fn watch_error(s: &TcpStream) -> io::Error {
             Ok(Some(e)) | Err(e) => return e,
             // Error readiness stays set once seen; if a relay's own syscall already
             // took the error, do not spin on it.
-            Ok(None) if seen_ready => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(None) if seen_ready => rare_sleep(Duration::from_millis(50)).await,
             Ok(None) => {}
         }
         if let Err(e) = s.ready(Interest::ERROR).await {
@@ -592,11 +604,11 @@ async fn direction(
         });
     }
     match progress.path() {
-        PathState::Splice => super::splice::one_way(from, to, moved, progress).await,
+        PathState::Splice => Box::pin(super::splice::one_way(from, to, moved, progress)).await,
         PathState::Closed => Ok(()),
         // Never spliced (its source was refused by the map), or copied already.
         PathState::Copy | PathState::Start | PathState::Kernel => {
-            super::copy::one_way(from, to, moved, progress).await
+            Box::pin(super::copy::one_way(from, to, moved, progress)).await
         }
     }
 }
@@ -612,9 +624,9 @@ async fn wait_eof(from: &TcpStream) -> io::Result<()> {
                 Ok(0) => return Ok(()),
                 // The verdict never passes bytes to the socket itself, so they are the
                 // parser's still: it has not reached the FIN yet.
-                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Ok(_) => rare_sleep(Duration::from_millis(1)).await,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(Duration::from_millis(1)).await
+                    rare_sleep(Duration::from_millis(1)).await
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -651,7 +663,7 @@ async fn wait_delivered(to: &TcpStream, base: u64, redirected: u64) -> io::Resul
                 sys::take_error(to)?.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())
             );
         }
-        tokio::time::sleep(delay).await;
+        rare_sleep(delay).await;
         delay = (delay * 2).min(MAX_POLL);
     }
 }
