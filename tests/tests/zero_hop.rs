@@ -1038,12 +1038,24 @@ fn echo_across(s: TcpStream, first: Vec<u8>, seed: u64, done: Arc<AtomicBool>) -
 /// and echo sessions that run throughout; every byte each way is checked, every EOF, each
 /// tunnel closes once (in the successor) with the bytes zero-hop moved before the
 /// takeover; new tunnels in the successor are zero-hop again; nothing is left in the maps.
+///
+/// Once with client → app in the kernel (`--splice auto`), once with the userspace relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_moves_zero_hop_tunnels_over_the_normal_hop() {
+    takeover_with(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_moves_zero_hop_tunnels_over_the_normal_hop_with_the_userspace_relay() {
+    takeover_with(&["--splice", "off"]).await;
+}
+
+async fn takeover_with(relay: &[&str]) {
     let dir = TempDir::new().unwrap();
     let ctl = dir.0.join("control.sock");
     let ctl = ctl.to_str().unwrap().to_owned();
-    let args = ["--control-socket", ctl.as_str(), "--shutdown-grace", "5s"];
+    let mut args = vec!["--control-socket", ctl.as_str(), "--shutdown-grace", "5s"];
+    args.extend_from_slice(relay);
     let mut rig = Rig::start_with(&args).await;
     let kinds: Vec<AppKind> = apps()
         .into_iter()
@@ -1090,7 +1102,7 @@ async fn takeover_moves_zero_hop_tunnels_over_the_normal_hop() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let mut takeover_args = args.to_vec();
+    let mut takeover_args = args.clone();
     takeover_args.push("--takeover");
     let next = zero_hop_daemon(&rig.topo, &takeover_args).await.unwrap();
     next.log_containing("takeover complete").await.unwrap();
