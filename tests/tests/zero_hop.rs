@@ -1070,7 +1070,9 @@ async fn takeover_with(relay: &[&str]) {
     let mut tasks: Vec<(String, TunnelTask)> = Vec::new();
     for (i, app) in apps.iter().enumerate() {
         let seed = 1000 + 10 * i as u64;
-        let n = 32 * MIB;
+        // Far more than the sockets and the pipe can hold while the client stalls (a few
+        // tens of MiB here), so every tunnel is still running at the takeover.
+        let n = 128 * MIB;
         let (s, first) = open_raw(&rig, app, Via::Daemon, &format!("/source/{seed}/{n}"))
             .await
             .unwrap();
@@ -1078,7 +1080,7 @@ async fn takeover_with(relay: &[&str]) {
             format!("{} download", app.kind.name()),
             stalled_download(s, first, seed, n, done.clone()),
         ));
-        let (down, up) = (16 * MIB, 16 * MIB);
+        let (down, up) = (128 * MIB, 16 * MIB);
         let path = format!("/both/{}/{down}/{}/{up}", seed + 1, seed + 2);
         let (s, first) = open_raw(&rig, app, Via::Daemon, &path).await.unwrap();
         let (r, mut w) = s.into_split();
