@@ -206,6 +206,8 @@ const host = process.env.ZH_BIND || '127.0.0.1';
 if (kind === 'ws') {
   wsMain(port, host);
 } else {
-  const server = net.createServer({ noDelay: true }, netConn);
+  // Half-open: a client that finishes sending first must not end the app's own stream
+  // (Node ends the writable side at the readable side's end otherwise).
+  const server = net.createServer({ noDelay: true, allowHalfOpen: true }, netConn);
   server.listen({ port, host, backlog: 4096 }, () => report(`listening ${server.address().port}`));
 }
