@@ -140,3 +140,120 @@ pub struct OverBudgetEvent {
 unsafe impl aya::Pod for Direction {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for OverBudgetEvent {}
+
+// ---------------------------------------------------------------- zero-hop
+
+/// Name of the SOCKHASH holding the apps' accepted sockets of zero-hop tunnels, keyed by
+/// the registered port (the local port of the daemon's upstream socket, which is the
+/// app socket's remote port). The `sk_msg` program is attached to it.
+pub const ZH_APPS_MAP: &str = "ZH_APPS";
+/// Name of the SOCKHASH (no programs) holding the client socket of every paired zero-hop
+/// tunnel, keyed by socket cookie: the redirect target (it also keeps the socket, and so
+/// its kernel address, alive while the tunnel is paired).
+pub const ZH_PEERS_MAP: &str = "ZH_PEERS";
+/// Name of the hash map of [`ZeroHopTunnel`]s (written by the daemon only), keyed by the
+/// registered port.
+pub const ZH_TUNNELS_MAP: &str = "ZH_TUNNELS";
+/// Name of the hash map of [`ZeroHopStats`] (written by the programs only; created and
+/// removed by the daemon), keyed by the registered port.
+pub const ZH_STATS_MAP: &str = "ZH_STATS";
+/// Name of the LRU hash map from the cookie of a connection the daemon accepted to the
+/// kernel address of its socket (written by the capture program).
+pub const ZH_CLIENT_SOCKS_MAP: &str = "ZH_CLIENT_SOCKS";
+/// Name of the read-only global the loader sets to the daemon's network namespace cookie:
+/// the capture program only looks at sockets of that namespace.
+pub const ZH_NETNS_COOKIE_GLOBAL: &str = "ZH_NETNS_COOKIE";
+/// Name of the read-only global the loader sets to the daemon's listening port.
+pub const ZH_LISTEN_PORT_GLOBAL: &str = "ZH_LISTEN_PORT";
+/// Name of the read-only global the loader sets to `offsetof(struct sock, sk_sndbuf)`.
+pub const SNDBUF_OFFSET_GLOBAL: &str = "SOCK_SNDBUF_OFFSET";
+/// Name of the read-only global the loader sets to `offsetof(struct sock, sk_wmem_queued)`.
+pub const WMEM_QUEUED_OFFSET_GLOBAL: &str = "SOCK_WMEM_QUEUED_OFFSET";
+/// Name of the read-only global the loader sets to `offsetof(struct sock_common, skc_state)`.
+pub const STATE_OFFSET_GLOBAL: &str = "SOCK_STATE_OFFSET";
+/// Name of the read-only global the loader sets to `offsetof(struct sock, sk_socket)`.
+pub const SK_SOCKET_OFFSET_GLOBAL: &str = "SOCK_SK_SOCKET_OFFSET";
+/// Name of the read-only global the loader sets to `offsetof(struct socket, file)`.
+pub const SOCKET_FILE_OFFSET_GLOBAL: &str = "SOCKET_FILE_OFFSET";
+/// Name of the read-only global the loader sets to `offsetof(struct file, f_flags)`.
+pub const FILE_FLAGS_OFFSET_GLOBAL: &str = "FILE_FLAGS_OFFSET";
+/// Capacity of the per-tunnel zero-hop maps (one entry per registered port).
+pub const ZH_MAX_TUNNELS: u32 = 65_536;
+/// Capacity of `ZH_CLIENT_SOCKS`: the most recent accepted connections (an upgrade on an
+/// older connection stays on the relay).
+pub const ZH_MAX_CLIENTS: u32 = 32_768;
+
+/// `ZeroHopTunnel::flags`: the daemon wrote the leftovers and the client socket's cookie
+/// and address; the program may redirect (when every byte it passed has been relayed).
+pub const ZH_PAIRED: u32 = 1;
+/// `ZeroHopTunnel::flags`: the daemon is taking bytes out of the upstream socket and has
+/// not yet written all of them into the client socket (its normal-hop relay splices
+/// through a pipe): no redirect now, whatever U's `copied_seq` says.
+pub const ZH_RELAYING: u32 = 2;
+
+/// One registered zero-hop tunnel, as the daemon describes it. Written whole by the
+/// daemon (an element swap, so the programs see the old or the new value, never a mix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroHopTunnel {
+    /// Cookie of the client socket D: its key in `ZH_PEERS` (the redirect target).
+    pub client: u64,
+    /// Kernel address of D (from `ZH_CLIENT_SOCKS`): the program reads D's send-buffer
+    /// state through it.
+    pub client_sk: u64,
+    /// The app's listening port: the captured socket's local port must be this.
+    pub target_port: u32,
+    /// `ZH_*` flags above.
+    pub flags: u32,
+}
+
+/// `ZeroHopStats::flags`: the capture program put the app's socket into `ZH_APPS`.
+pub const ZH_CAPTURED: u32 = 1;
+/// `ZeroHopStats::flags`: the last message was redirected; `expected_seq` is where the
+/// client socket's `write_seq` stands if all of it went in.
+pub const ZH_LAST_REDIRECTED: u32 = 2;
+/// `ZeroHopStats::flags`: the app's first data left from a non-blocking socket.
+pub const ZH_APP_NONBLOCKING: u32 = 4;
+/// `ZeroHopStats::flags`: the app's first data left from a blocking socket, so the
+/// capture program took the socket out of `ZH_APPS` at once (a blocking `recv()` on a
+/// socket in a sockmap can fail with EAGAIN on this kernel; docs/zero-hop.md).
+pub const ZH_APP_BLOCKING: u32 = 8;
+
+/// What the programs saw and did for one tunnel. Written only by the programs (the
+/// `sk_msg` runs under the app socket's lock, so one at a time per tunnel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroHopStats {
+    /// Kernel address of the daemon's upstream socket U (seen when it connected): the
+    /// program reads U's `copied_seq` through it.
+    pub upstream_sk: u64,
+    /// Kernel address of the app's socket A (seen when it was captured).
+    pub app_sk: u64,
+    /// `ZH_CAPTURED`, `ZH_LAST_REDIRECTED`, `ZH_APP_*`.
+    pub flags: u32,
+    /// Client socket's `write_seq` expected after the last redirect.
+    pub expected_seq: u32,
+    /// Bytes and messages redirected into the client socket.
+    pub redirected_bytes: u64,
+    pub redirects: u64,
+    /// Bytes and messages passed to the normal hop.
+    pub passed_bytes: u64,
+    pub passes: u64,
+    /// Passes, by reason: not paired yet; bytes passed earlier not yet relayed; client
+    /// socket without room; a socket not in a sending state; the previous redirect was
+    /// cut short by the kernel; the redirect helper refused.
+    pub pass_unpaired: u64,
+    pub pass_pending: u64,
+    pub pass_full: u64,
+    pub pass_state: u64,
+    pub pass_partial: u64,
+    pub pass_refused: u64,
+    /// Largest message seen.
+    pub max_msg: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ZeroHopTunnel {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ZeroHopStats {}

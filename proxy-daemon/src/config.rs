@@ -19,6 +19,18 @@ pub enum SpliceMode {
     Off,
 }
 
+/// Zero-hop tunnels (app→client bytes from the app's own `sendmsg` straight into the
+/// client socket; docs/zero-hop.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ZeroHopMode {
+    /// Off: zero-hop did not beat direct as required (app-to-client 0.57-0.74x direct, echo p50 1.5-2x direct; docs/zero-hop.md), so `auto` keeps the relay chosen by --splice.
+    Auto,
+    /// Zero-hop for every tunnel to an IPv4 app the kernel captures; exit at start-up if the programs cannot load or attach (needs cgroup v2 and CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
+    On,
+    /// Tunnels use only the relay chosen by --splice.
+    Off,
+}
+
 /// How tunnels are relayed when the eBPF fast path is not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum UserspaceRelay {
@@ -85,6 +97,13 @@ pub struct Args {
     /// Fast path: size of the over-budget event ring buffer in bytes (a power of two, at least a page). For tests; the default fits thousands of events.
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_EVENT_RING_BYTES", default_value_t = crate::tunnel::ebpf::DEFAULT_EVENT_RING_BYTES, hide = true)]
     pub ebpf_event_ring_bytes: u32,
+
+    /// Zero-hop tunnels: the app's bytes go from its own send straight into the client
+    /// socket while the client keeps up, and through the daemon (no reordering) while it
+    /// does not. Not safe for apps that read with blocking sockets while another thread
+    /// writes (docs/zero-hop.md).
+    #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_ZERO_HOP", value_enum, default_value_t = ZeroHopMode::Auto)]
+    pub zero_hop: ZeroHopMode,
 
     /// Relay used for tunnels that are not spliced by eBPF (`--splice off`, or `auto`
     /// when the fast path cannot load or does not pay).

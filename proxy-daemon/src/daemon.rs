@@ -19,14 +19,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::admission::Admission;
-use crate::config::{Args, Command, SpliceMode, UserspaceRelay};
+use crate::config::{Args, Command, SpliceMode, UserspaceRelay, ZeroHopMode};
 use crate::forward::upstream::ConnectSettings;
 use crate::forward::{ForwardSettings, Forwarder};
 use crate::limits::{self, Capacity};
 use crate::metrics;
 use crate::server::{self, Shared};
 use crate::takeover;
-use crate::tunnel::{ebpf, Relay, Tunnels};
+use crate::tunnel::{ebpf, zero_hop, Relay, Tunnels};
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     // The main thread runs signals, the admin interface and the fast path's event
@@ -84,6 +84,36 @@ fn choose_relay(args: &Args) -> anyhow::Result<DataPath> {
                     relay: userspace,
                     reason,
                 }
+            }
+        },
+    })
+}
+
+/// Zero-hop (docs/zero-hop.md), and why it is on or off.
+fn choose_zero_hop(
+    mode: ZeroHopMode,
+    listen_port: u16,
+) -> anyhow::Result<(Option<Arc<zero_hop::ZeroHop>>, String)> {
+    Ok(match mode {
+        ZeroHopMode::Off => (None, "--zero-hop off".into()),
+        ZeroHopMode::On => {
+            let zh = zero_hop::ZeroHop::load(listen_port)
+                .context("--zero-hop on: the zero-hop programs cannot start")?;
+            let reason = format!(
+                "--zero-hop on (capture attached to {})",
+                zh.cgroup().display()
+            );
+            (Some(Arc::new(zh)), reason)
+        }
+        ZeroHopMode::Auto if !zero_hop::AUTO => (None, zero_hop::AUTO_REASON.into()),
+        ZeroHopMode::Auto => match zero_hop::ZeroHop::load(listen_port) {
+            Ok(zh) => (Some(Arc::new(zh)), "auto: zero-hop loaded".into()),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "zero-hop unavailable, tunnels keep the relay"
+                );
+                (None, format!("auto: zero-hop unavailable ({e:#})"))
             }
         },
     })
@@ -156,6 +186,27 @@ async fn check(args: Args) -> anyhow::Result<()> {
         SpliceMode::Off => "off (the userspace relay whatever the kernel allows)",
     };
     println!("--splice configured: {configured}");
+    // Zero-hop: whether its programs load and attach here, and what `auto` chooses.
+    match zero_hop::ZeroHop::load(args.listen.port()) {
+        Ok(zh) => println!(
+            "zero-hop: loads (capture program attaches to cgroup {})",
+            zh.cgroup().display()
+        ),
+        Err(e) => {
+            println!("zero-hop: cannot load: {e:#}");
+            if args.zero_hop == ZeroHopMode::On {
+                println!("--zero-hop on: ERROR the daemon would exit at start-up");
+                ok = false;
+            }
+        }
+    }
+    if zero_hop::AUTO {
+        println!("--zero-hop auto chooses: on where it loads");
+    } else {
+        // "auto: off, <why>"
+        println!("--zero-hop {}", zero_hop::AUTO_REASON);
+    }
+    println!("--zero-hop {:?} configured", args.zero_hop);
     println!(
         "{}",
         if ok {
@@ -235,6 +286,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(path) => Some(takeover::bind(path, take_over).await?),
         None => None,
     };
+    let (zero_hop, zero_hop_reason) = choose_zero_hop(args.zero_hop, listen.port())?;
     let capacity = Capacity::new(files.soft);
     tracing::info!(
         pid = std::process::id(),
@@ -245,6 +297,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         data_path = relay.name(),
         data_path_reason = %reason,
         splice = ?args.splice,
+        zero_hop = zero_hop.as_ref().map(|z| z.cgroup().display().to_string()),
+        zero_hop_reason = %zero_hop_reason,
         secret_auth = secret.is_some(),
         open_files_soft_limit_at_start = files.soft_before,
         open_files_limit = files.soft,
@@ -280,8 +334,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 max_response_head: max_head.max(8192) * 4,
             },
             capacity,
+            zero_hop: zero_hop.clone(),
         },
-        tunnels: Tunnels::new(relay),
+        tunnels: Tunnels::new(relay, zero_hop),
         capacity,
         max_head,
         max_response_head: max_head.max(8192) * 4,

@@ -26,6 +26,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod zero_hop;
+
 use core::ffi::c_void;
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 use core::sync::atomic::AtomicU64;

@@ -1,7 +1,7 @@
 //! The few bpf(2) commands a test needs to look into a daemon's fast-path maps: find them
 //! through the map ids in `/proc/<pid>/fdinfo`, name them, count their keys, read a value.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -160,4 +160,16 @@ pub fn kernel_queued(pid: i32) -> Option<i64> {
     let mut v = [0u8; 24];
     lookup(&map, &0u32.to_ne_bytes(), &mut v)
         .then(|| i64::from_ne_bytes(v[..8].try_into().unwrap()))
+}
+
+/// Keys in each of the process's maps, by map name (maps of the same name, e.g. in the
+/// fast path's and zero-hop's instances of one object, are added up).
+pub fn map_key_counts(pid: i32) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for map in map_ids(pid).into_iter().filter_map(map_by_id) {
+        if let Some((name, _)) = map_info(&map) {
+            *counts.entry(name).or_insert(0) += count_keys(&map);
+        }
+    }
+    counts
 }

@@ -27,6 +27,16 @@ pub fn binary() -> PathBuf {
         .expect("daemon binary not built: run `cargo xtask test` or `cargo build -p proxy-daemon`")
 }
 
+/// How the daemon is put into the machine namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launch {
+    /// `ip netns exec` (its own /sys: no cgroup hierarchy visible).
+    IpNetnsExec,
+    /// `nsenter --net=` (the host's mounts: the cgroup v2 hierarchy is visible, as zero-hop
+    /// needs). Like `ip netns exec`, nsenter execs the daemon: the child is the daemon.
+    Nsenter,
+}
+
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
@@ -41,6 +51,16 @@ impl Daemon {
         Self::start_with_nofile(topo, args, env, None).await
     }
 
+    /// `start`, choosing how the daemon enters the machine namespace.
+    pub async fn start_with(
+        topo: &Topology,
+        args: &[&str],
+        env: &[(&str, &str)],
+        launch: Launch,
+    ) -> Result<Daemon> {
+        Self::spawn(topo, args, env, None, launch).await
+    }
+
     /// Like [`Daemon::start`], with the process's open-file limit set to `(soft, hard)`.
     pub async fn start_with_nofile(
         topo: &Topology,
@@ -48,10 +68,24 @@ impl Daemon {
         env: &[(&str, &str)],
         nofile: Option<(u64, u64)>,
     ) -> Result<Daemon> {
+        Self::spawn(topo, args, env, nofile, Launch::IpNetnsExec).await
+    }
+
+    async fn spawn(
+        topo: &Topology,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+        launch: Launch,
+    ) -> Result<Daemon> {
         let dir = TempDir::new()?;
         let log_path = dir.0.join("daemon.log");
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = topo.machine.command(binary().to_str().unwrap());
+        let binary = binary();
+        let mut cmd = match launch {
+            Launch::IpNetnsExec => topo.machine.command(binary.to_str().unwrap()),
+            Launch::Nsenter => topo.machine.enter(binary.to_str().unwrap()),
+        };
         cmd.args([
             "--listen",
             &format!("0.0.0.0:{PORT}"),
@@ -104,7 +138,11 @@ impl Daemon {
     }
 
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        // Lossy: a read that catches the daemon's writer mid-line may end inside a
+        // multi-byte character, which must not turn the whole log into "".
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// The log once it contains `needle` (lines are written in batches, a few

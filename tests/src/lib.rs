@@ -1,19 +1,21 @@
 //! Test harness: network namespaces joined by veth, the real daemon binary, upstream apps
 //! on the machine's loopback, and clients that check every byte.
 
+pub mod apps;
 pub mod bpf;
 pub mod client;
 pub mod daemon;
 pub mod netns;
 pub mod pattern;
 pub mod recording;
+pub mod stamp;
 pub mod upstream;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Result;
 
-pub use daemon::Daemon;
+pub use daemon::{Daemon, Launch};
 pub use netns::Topology;
 
 /// 127.0.0.1:port in `ns`, for an upstream app.

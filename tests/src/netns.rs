@@ -123,6 +123,16 @@ impl Netns {
         cmd.args(["netns", "exec", &self.name, program]);
         cmd
     }
+
+    /// `nsenter --net=/var/run/netns/NAME program args…`: like [`Netns::command`], but
+    /// the program keeps this process's mounts. `ip netns exec` remounts /sys, which
+    /// hides the cgroup v2 hierarchy a program may need to attach to (zero-hop).
+    pub fn enter(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg(program);
+        cmd
+    }
 }
 
 impl Drop for Netns {

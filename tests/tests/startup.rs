@@ -3,6 +3,8 @@
 //! three capabilities the systemd unit grants (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) are
 //! enough for the fast path to carry a tunnel, as an unprivileged user.
 //!
+//! `--zero-hop on` needs the same three capabilities and nothing more; `auto` stays off.
+//!
 //! Privileges are dropped with util-linux `setpriv`. The daemon listens on loopback here
 //! (no namespace needed: nothing leaves 127.0.0.1).
 
@@ -20,6 +22,11 @@ const CAPS: &str = "+bpf,+net_admin,+perfmon";
 
 /// The daemon run through `setpriv` as `nobody` with exactly `caps` (e.g. "" or CAPS).
 fn daemon(caps: &str, splice: &str) -> Result<(Child, TempBin)> {
+    daemon_with(caps, &["--splice", splice])
+}
+
+/// `daemon` with other arguments.
+fn daemon_with(caps: &str, args: &[&str]) -> Result<(Child, TempBin)> {
     // A copy the unprivileged user can execute whatever the permissions of target/
     // (removed when the returned guard drops).
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -39,12 +46,11 @@ fn daemon(caps: &str, splice: &str) -> Result<(Child, TempBin)> {
             "127.0.0.1:0",
             "--log-format",
             "json",
-            "--splice",
-            splice,
             // Several run at once in this namespace: no fixed admin port.
             "--admin-listen",
             "off",
         ])
+        .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -217,6 +223,60 @@ async fn auto_with_the_units_capabilities_splices_in_the_kernel() -> Result<()> 
         closed["in_kernel"],
         2 * total,
         "every byte moved in the kernel: {closed}"
+    );
+    Ok(())
+}
+
+/// `--zero-hop on` starts as `nobody` with the unit's three capabilities (it loads its
+/// programs and attaches the capture program to the cgroup v2 root), and exits at start-up
+/// without any one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_hop_on_needs_exactly_the_units_capabilities() -> Result<()> {
+    let (mut child, _bin) = daemon_with(CAPS, &["--zero-hop", "on"])?;
+    let (lines, _log) = lines_until_started(&mut child).await?;
+    let start = lines.last().context("no log")?;
+    ensure!(
+        start["message"] == "project-ingress-proxy started",
+        "{lines:?}"
+    );
+    assert!(
+        start["zero_hop"]
+            .as_str()
+            .is_some_and(|c| c.starts_with('/')),
+        "zero-hop attached to a cgroup: {start}"
+    );
+    for missing in ["bpf", "net_admin", "perfmon"] {
+        let caps: Vec<String> = ["bpf", "net_admin", "perfmon"]
+            .iter()
+            .filter(|c| **c != missing)
+            .map(|c| format!("+{c}"))
+            .collect();
+        let (mut child, _bin) = daemon_with(&caps.join(","), &["--zero-hop", "on"])?;
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .with_context(|| format!("--zero-hop on without CAP_{missing} kept running"))??;
+        assert!(!status.success(), "started without CAP_{missing}");
+    }
+    Ok(())
+}
+
+/// `--zero-hop auto` (the default) does not turn zero-hop on (docs/zero-hop.md): no
+/// capture program is attached, and the start line says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_hop_auto_stays_off() -> Result<()> {
+    let (mut child, _bin) = daemon_with(CAPS, &[])?;
+    let (lines, _log) = lines_until_started(&mut child).await?;
+    let start = lines.last().context("no log")?;
+    ensure!(
+        start["message"] == "project-ingress-proxy started",
+        "{lines:?}"
+    );
+    assert!(start["zero_hop"].is_null(), "{start}");
+    assert!(
+        start["zero_hop_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("auto: off")),
+        "{start}"
     );
     Ok(())
 }

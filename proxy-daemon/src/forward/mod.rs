@@ -7,6 +7,7 @@ pub mod exchange;
 pub mod pool;
 pub mod upstream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -15,6 +16,7 @@ use tokio::net::TcpStream;
 use crate::admission::{Refusal, Route, BAD_GATEWAY, OVER_CAPACITY};
 use crate::http1::Framing;
 use crate::limits::Capacity;
+use crate::tunnel::zero_hop::ZeroHop;
 use exchange::{Failure, RequestInfo, ResponseState, Upload};
 use upstream::{ConnectError, ConnectSettings, Upstream};
 
@@ -54,6 +56,8 @@ pub struct Outcome {
 pub struct Forwarder {
     pub settings: ForwardSettings,
     pub capacity: &'static Capacity,
+    /// Zero-hop's programs when it is on: upgrades connect from a registered port.
+    pub zero_hop: Option<Arc<ZeroHop>>,
 }
 
 impl Forwarder {
@@ -147,7 +151,8 @@ impl Forwarder {
             }
         }
         let fds = upstream::reserve_fd(self.capacity)?;
-        upstream::connect(route.port, &self.settings.connect, fds).await
+        let zero_hop = self.zero_hop.as_ref().filter(|_| route.upgrade);
+        upstream::connect(route.port, &self.settings.connect, fds, zero_hop).await
     }
 }
 

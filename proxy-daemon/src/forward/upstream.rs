@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -11,6 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::io::{tune, Keepalive};
 use crate::limits::{Capacity, Fds};
+use crate::tunnel::zero_hop::{Registration, ZeroHop};
 
 /// An upstream connection with its read buffer.
 #[derive(Debug)]
@@ -21,6 +23,9 @@ pub struct Upstream {
     pub port: u16,
     /// Taken from the pool (it served a request before).
     pub reused: bool,
+    /// Set when this connection was opened for an upgrade from a port registered for
+    /// zero-hop: the tunnel it becomes takes it (dropped, it leaves the maps).
+    pub zero_hop: Option<Registration>,
     _fds: Fds,
 }
 
@@ -40,33 +45,44 @@ pub struct ConnectSettings {
 }
 
 impl Upstream {
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
-        (self.stream, self.buf)
+    pub fn into_parts(self) -> (TcpStream, BytesMut, Option<Registration>) {
+        (self.stream, self.buf, self.zero_hop)
     }
 }
 
 /// Opens a new connection to the local `port`, counted against `capacity` (`fds`: the
-/// descriptor it will use, when the caller already holds it).
+/// descriptor it will use, when the caller already holds it). With `zero_hop` (an
+/// upgrade while zero-hop is on) the IPv4 connection comes from a registered port, so
+/// the kernel captures the app's end (docs/zero-hop.md); an app on `[::1]` gets a plain
+/// connection.
 pub async fn connect(
     port: u16,
     settings: &ConnectSettings,
     fds: Fds,
+    zero_hop: Option<&Arc<ZeroHop>>,
 ) -> Result<Upstream, ConnectError> {
     let attempt = async {
         let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        match TcpStream::connect(v4).await {
+        let first = match zero_hop {
+            Some(zh) => zh.connect_registered(port).await.map(|(s, r)| (s, Some(r))),
+            None => TcpStream::connect(v4).await.map(|s| (s, None)),
+        };
+        match first {
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
                 // Report the IPv4 refusal if IPv6 is refused too: it is the usual case.
-                TcpStream::connect(v6).await.map_err(|e6| match e6.kind() {
-                    io::ErrorKind::ConnectionRefused => e,
-                    _ => e6,
-                })
+                TcpStream::connect(v6)
+                    .await
+                    .map(|s| (s, None))
+                    .map_err(|e6| match e6.kind() {
+                        io::ErrorKind::ConnectionRefused => e,
+                        _ => e6,
+                    })
             }
             other => other,
         }
     };
-    let stream = tokio::time::timeout(settings.timeout, attempt)
+    let (stream, zero_hop) = tokio::time::timeout(settings.timeout, attempt)
         .await
         .map_err(|_| ConnectError::TimedOut { port })?
         .map_err(|source| ConnectError::Failed { port, source })?;
@@ -76,6 +92,7 @@ pub async fn connect(
         buf: BytesMut::new(),
         port,
         reused: false,
+        zero_hop,
         _fds: fds,
     })
 }

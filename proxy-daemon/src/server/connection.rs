@@ -99,7 +99,7 @@ pub async fn serve(stream: TcpStream, fds: Fds, shared: &'static Shared) {
         Ended::Tunnel(start) => {
             let TunnelStart { upstream, port } = *start;
             let request_id = String::from_utf8_lossy(conn.meta.id()).into_owned();
-            let (upstream, upstream_leftover) = upstream.into_parts();
+            let (upstream, upstream_leftover, zero_hop) = upstream.into_parts();
             // Exact-size copies (usually empty): the read buffers go now, an idle tunnel
             // keeps no buffer.
             let tunnel = Tunnel {
@@ -109,6 +109,7 @@ pub async fn serve(stream: TcpStream, fds: Fds, shared: &'static Shared) {
                 client_leftover: Bytes::copy_from_slice(&conn.buf),
                 upstream,
                 upstream_leftover: Bytes::copy_from_slice(&upstream_leftover),
+                zero_hop,
             };
             // The tunnel keeps this connection's descriptors in the budget.
             shared.tunnels.start(tunnel, fds);

@@ -2,12 +2,13 @@
 //! runs (bytes the kernel is splicing are read from its maps on demand) and final when it
 //! ends (the closing log line).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use serde::Serialize;
 
 use super::ebpf::Splicer;
 use super::handover::DirectionCountersState;
+use super::zero_hop::ZeroHop;
 
 /// The mechanisms that can move a direction's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,10 @@ pub enum DataPath {
     Splice,
     /// `read(2)`/`write(2)` through a buffer in the daemon.
     Copy,
+    /// Zero-hop (app→client only): the app's own sends put the bytes into the client
+    /// socket; what takes the normal hop meanwhile is spliced by the daemon (counted as
+    /// splice bytes).
+    ZeroHop,
 }
 
 impl DataPath {
@@ -26,6 +31,7 @@ impl DataPath {
             DataPath::Kernel => 1,
             DataPath::Splice => 2,
             DataPath::Copy => 4,
+            DataPath::ZeroHop => 8,
         }
     }
 }
@@ -49,6 +55,12 @@ pub struct DirectionCounters {
     handoff: AtomicU8,
     /// Bytes the kernel consumed from the source without the verdict seeing them.
     kernel_lost: AtomicU64,
+    /// Bytes the app's own sends put into the destination (zero-hop), once the tunnel
+    /// was unpaired.
+    zero_hop: AtomicU64,
+    /// Registered port of the zero-hop tunnel while it is paired (0: it is not): live
+    /// zero-hop bytes are then read from its map.
+    zero_hop_port: AtomicU32,
 }
 
 impl DirectionCounters {
@@ -81,6 +93,24 @@ impl DirectionCounters {
         self.kernel_source.store(0, Relaxed);
     }
 
+    /// Zero-hop carries this direction from now on (registered port `port`).
+    pub(super) fn enter_zero_hop(&self, port: u16) {
+        self.use_path(DataPath::ZeroHop);
+        self.zero_hop_port.store(port as u32, Relaxed);
+    }
+
+    /// Zero-hop carried this direction at some point (in this process or one taken over).
+    pub fn used_zero_hop(&self) -> bool {
+        self.paths.load(Relaxed) & DataPath::ZeroHop.bit() != 0
+    }
+
+    /// Zero-hop stopped after the app's sends put `redirected` bytes into the
+    /// destination.
+    pub(super) fn leave_zero_hop(&self, redirected: u64) {
+        self.zero_hop.fetch_add(redirected, Relaxed);
+        self.zero_hop_port.store(0, Relaxed);
+    }
+
     /// Bytes the kernel consumed from the source without redirecting them.
     pub(super) fn kernel_lost(&self, n: u64) {
         self.kernel_lost.fetch_add(n, Relaxed);
@@ -109,7 +139,12 @@ impl DirectionCounters {
 
     /// Bytes per data path now. While the kernel splices the direction, its bytes are
     /// those the verdict redirected so far (a map read).
-    pub fn snapshot(&self, splicer: Option<&Splicer>) -> DirectionSnapshot {
+    /// Zero-hop bytes are read from its map likewise while the tunnel is paired.
+    pub fn snapshot(
+        &self,
+        splicer: Option<&Splicer>,
+        zero_hop: Option<&ZeroHop>,
+    ) -> DirectionSnapshot {
         let source = self.kernel_source.load(Relaxed);
         let mut kernel = self.kernel.load(Relaxed);
         if source != 0 {
@@ -117,21 +152,42 @@ impl DirectionCounters {
                 kernel += dir.redirected;
             }
         }
+        let port = self.zero_hop_port.load(Relaxed);
+        let mut zero_hop_bytes = self.zero_hop.load(Relaxed);
+        if port != 0 {
+            if let Some(stats) = zero_hop.and_then(|z| z.stats(port as u16)) {
+                zero_hop_bytes += stats.redirected_bytes;
+            }
+        }
         let (copy, splice) = (self.copied.load(Relaxed), self.spliced.load(Relaxed));
         DirectionSnapshot {
-            bytes: kernel + splice + copy,
+            bytes: kernel + splice + copy + zero_hop_bytes,
             kernel,
             splice,
             copy,
+            zero_hop: zero_hop_bytes,
             path: self.path_name(),
             handoff: self.handoff_name(),
         }
     }
 
     /// The relays this direction used, in the order a direction can go through them:
-    /// "kernel", "kernel+splice", "kernel+copy", "splice", "copy" ("none" before any).
+    /// "kernel", "kernel+splice", "kernel+copy", "splice", "copy" ("none" before any);
+    /// "zero-hop" (its normal hop included), "zero-hop+splice"/"zero-hop+copy" when it
+    /// went on without zero-hop (after a takeover).
     pub fn path_name(&self) -> &'static str {
         let bits = self.paths.load(Relaxed);
+        if bits & DataPath::ZeroHop.bit() != 0 {
+            return match (
+                bits & DataPath::Splice.bit() != 0,
+                bits & DataPath::Copy.bit() != 0,
+            ) {
+                (false, false) => "zero-hop",
+                (true, false) => "zero-hop+splice",
+                (false, true) => "zero-hop+copy",
+                (true, true) => "zero-hop+splice+copy",
+            };
+        }
         let (k, s, c) = (
             bits & DataPath::Kernel.bit() != 0,
             bits & DataPath::Splice.bit() != 0,
@@ -169,6 +225,7 @@ impl DirectionCounters {
             paths: self.paths.load(Relaxed),
             handoff: self.handoff.load(Relaxed),
             kernel_lost: self.kernel_lost.load(Relaxed),
+            zero_hop: self.zero_hop.load(Relaxed),
         }
     }
 
@@ -182,6 +239,8 @@ impl DirectionCounters {
             paths: AtomicU8::new(s.paths),
             handoff: AtomicU8::new(s.handoff),
             kernel_lost: AtomicU64::new(s.kernel_lost),
+            zero_hop: AtomicU64::new(s.zero_hop),
+            zero_hop_port: AtomicU32::new(0),
         }
     }
 }
@@ -194,6 +253,8 @@ pub struct DirectionSnapshot {
     pub kernel: u64,
     pub splice: u64,
     pub copy: u64,
+    /// Bytes the app's own sends put into the destination (zero-hop).
+    pub zero_hop: u64,
     /// See [`DirectionCounters::path_name`].
     pub path: &'static str,
     /// See [`DirectionCounters::handoff_name`].

@@ -88,4 +88,8 @@ pub struct DirectionCountersState {
     pub paths: u8,
     pub handoff: u8,
     pub kernel_lost: u64,
+    /// Bytes zero-hop put into the destination before the tunnel was switched back to
+    /// the normal hop for the hand-over (absent from older daemons).
+    #[serde(default)]
+    pub zero_hop: u64,
 }

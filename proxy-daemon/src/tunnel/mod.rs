@@ -13,6 +13,7 @@ pub mod registry;
 pub mod socket;
 pub mod splice;
 pub mod transfer;
+pub mod zero_hop;
 
 use std::future::Future;
 use std::io;
@@ -43,6 +44,8 @@ pub struct Tunnel {
     pub upstream: TcpStream,
     /// Bytes the upstream sent after its 101: they go to the client first.
     pub upstream_leftover: Bytes,
+    /// Set when the upstream connection was registered for zero-hop.
+    pub zero_hop: Option<zero_hop::Registration>,
 }
 
 /// How a relay ended.
@@ -118,7 +121,7 @@ impl crate::metrics::Source for Tunnels {
         }
         let mut m = encoder.encode_descriptor(
             "tunnel_directions",
-            "Directions of open tunnels by the data paths they have used (kernel, splice, copy; kernel+splice: handed over)",
+            "Directions of open tunnels by the data paths they have used (kernel, splice, copy, zero-hop; kernel+splice: handed over)",
             None,
             MetricType::Gauge,
         )?;
@@ -129,7 +132,7 @@ impl crate::metrics::Source for Tunnels {
         let bytes = self.registry.bytes();
         let mut m = encoder.encode_descriptor(
             "tunnel_bytes",
-            "Tunnel bytes delivered since start-up, by direction and data path (kernel bytes read from the eBPF maps)",
+            "Tunnel bytes delivered since start-up, by direction and data path (kernel and zero-hop bytes read from the eBPF maps)",
             None,
             MetricType::Counter,
         )?;
@@ -137,10 +140,30 @@ impl crate::metrics::Source for Tunnels {
             ("client_to_upstream", bytes.client_to_upstream),
             ("upstream_to_client", bytes.upstream_to_client),
         ] {
-            for (path, n) in [("kernel", b.kernel), ("splice", b.splice), ("copy", b.copy)] {
+            let by_path = [
+                ("kernel", b.kernel),
+                ("splice", b.splice),
+                ("copy", b.copy),
+                ("zero-hop", b.zero_hop),
+            ];
+            for (path, n) in by_path {
                 m.encode_family(&[("direction", direction), ("path", path)])?
                     .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
+        }
+        if let Some(zh) = &self.zero_hop {
+            gauge(
+                encoder,
+                "zero_hop_tunnels_in_map",
+                "Tunnels registered in zero-hop's maps",
+                zh.tunnels_in_map() as i64,
+            )?;
+            gauge(
+                encoder,
+                "zero_hop_map_sockets",
+                "Sockets in zero-hop's maps (apps' and clients')",
+                zh.sockets_in_map() as i64,
+            )?;
         }
         let Some(splicer) = self.relay.splicer() else {
             return Ok(());
@@ -241,6 +264,8 @@ impl crate::admin::TunnelList for Tunnels {
 #[derive(Clone)]
 pub struct Tunnels {
     relay: Relay,
+    /// Zero-hop's programs, when it is on (docs/zero-hop.md).
+    zero_hop: Option<Arc<zero_hop::ZeroHop>>,
     registry: Arc<Registry>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -253,10 +278,11 @@ pub struct Tunnels {
 }
 
 impl Tunnels {
-    pub fn new(relay: Relay) -> Self {
+    pub fn new(relay: Relay, zero_hop: Option<Arc<zero_hop::ZeroHop>>) -> Self {
         Tunnels {
-            registry: Arc::new(Registry::new(relay.splicer().cloned())),
+            registry: Arc::new(Registry::new(relay.splicer().cloned(), zero_hop.clone())),
             relay,
+            zero_hop,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             pause: CancellationToken::new(),
@@ -266,6 +292,11 @@ impl Tunnels {
 
     pub fn relay(&self) -> Relay {
         self.relay.clone()
+    }
+
+    /// Zero-hop's programs, when it is on.
+    pub fn zero_hop(&self) -> Option<&Arc<zero_hop::ZeroHop>> {
+        self.zero_hop.as_ref()
     }
 
     /// The live tunnels and their counters.
@@ -294,6 +325,7 @@ impl Tunnels {
                     client_leftover,
                     upstream,
                     upstream_leftover,
+                    zero_hop,
                 } = tunnel;
                 let live = tunnels.registry.open(request_id, port);
                 tracing::info!(
@@ -317,6 +349,7 @@ impl Tunnels {
                         progress,
                         takeovers: 0,
                         resume: false,
+                        zero_hop,
                     },
                 )
                 .await;
@@ -353,6 +386,8 @@ struct Running {
     /// It continues where the daemon taken over left it (else its relay starts, after
     /// the held leftovers).
     resume: bool,
+    /// Its upstream connection's zero-hop registration (a new tunnel with zero-hop on).
+    zero_hop: Option<zero_hop::Registration>,
 }
 
 /// Runs a tunnel until it ends (its closing line), or until a takeover pauses it (it
@@ -365,10 +400,33 @@ async fn run(tunnels: &Tunnels, r: Running) {
         progress,
         takeovers,
         resume,
+        zero_hop,
     } = r;
     let relay = &tunnels.relay;
     let counters = &live.counters;
-    let mut relayed = relay_future(relay, &client, &upstream, counters, &progress, resume);
+    // Outside the relay's future, so that whatever ends the tunnel (its end, a
+    // shutdown, a takeover) switches zero-hop off first (`end_zero_hop`).
+    let mut zero_hop = zero_hop;
+    let mut zero_hop_state = if zero_hop.is_some() {
+        "registered"
+    } else if counters.upstream_to_client.used_zero_hop() {
+        // Adopted: the daemon taken over switched it back to the normal hop.
+        "ended by takeover"
+    } else {
+        "off"
+    };
+    let mut relayed = relay_future(
+        relay,
+        &client,
+        &upstream,
+        counters,
+        &progress,
+        resume,
+        ZeroHopStart {
+            registration: &mut zero_hop,
+            state: &mut zero_hop_state,
+        },
+    );
     let end = tokio::select! {
         // First: a tunnel paused for a takeover must not start anything new.
         biased;
@@ -381,17 +439,34 @@ async fn run(tunnels: &Tunnels, r: Running) {
         // fast-path entries stay in the maps for the successor.
         progress.start_handing_over();
         drop(relayed);
+        // A zero-hop tunnel goes back to the normal hop first: the successor relays
+        // it as an ordinary splice(2) direction (docs/zero-hop.md, Takeover).
+        end_zero_hop(zero_hop, counters);
         transfer::hand_over(tunnels, &live, client, upstream, &progress, takeovers);
         return;
     };
     // Dropping the relay (on shutdown) settles its kernel state and counts first.
     drop(relayed);
+    end_zero_hop(zero_hop, counters);
     if end != RelayEnd::Closed {
         // Propagate the failure: close both with RST rather than a clean FIN.
         socket::reset_on_close(&client);
         socket::reset_on_close(&upstream);
     }
-    log_closed(&tunnels.registry, &live, relay, &end, takeovers);
+    log_closed(
+        &tunnels.registry,
+        &live,
+        relay,
+        &end,
+        takeovers,
+        zero_hop_state,
+    );
+}
+
+/// A new tunnel's zero-hop registration (if any) and the word its closing line gives.
+struct ZeroHopStart<'a> {
+    registration: &'a mut Option<zero_hop::Registration>,
+    state: &'a mut &'static str,
 }
 
 /// The tunnel's relay, boxed on its own: the task keeps only a pointer, and the box
@@ -403,6 +478,7 @@ fn relay_future<'a>(
     counters: &'a TunnelCounters,
     progress: &'a Progress,
     resume: bool,
+    zero_hop: ZeroHopStart<'a>,
 ) -> Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> {
     if resume {
         return Box::pin(resume_relay(relay, client, upstream, counters, progress));
@@ -412,6 +488,21 @@ fn relay_future<'a>(
     Box::pin(async move {
         if let Err(e) = forward_leftovers(client, upstream, counters, progress).await {
             return RelayEnd::Reset(e.kind());
+        }
+        // The leftovers are in the client socket: redirects may start.
+        if let Some(registration) = pair(zero_hop.registration, client, zero_hop.state) {
+            counters
+                .upstream_to_client
+                .enter_zero_hop(registration.port());
+            let relay = Box::pin(relay_zero_hop(
+                relay,
+                registration,
+                client,
+                upstream,
+                counters,
+                progress,
+            ));
+            return relay.await;
         }
         let relay: Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> = match relay {
             Relay::Copy => Box::pin(copy::relay(client, upstream, counters, progress)),
@@ -431,6 +522,7 @@ fn log_closed(
     relay: &Relay,
     end: &RelayEnd,
     takeovers: u32,
+    zero_hop: &str,
 ) {
     let counters = &live.counters;
     let ended = registry.close(live);
@@ -469,6 +561,10 @@ fn log_closed(
         // Since the tunnel opened, in whichever process (bytes too).
         duration_ms = live.started.elapsed().as_secs_f64() * 1e3,
         takeovers,
+        // "paired", "off", or why a registered tunnel stayed on the relay.
+        zero_hop,
+        // Of upstream_to_client, bytes the app's own sends put into the client socket.
+        zero_hop_bytes = down.zero_hop,
         end = end.name(),
         error = match end {
             RelayEnd::Reset(kind) => Some(format!("{kind:?}")),
@@ -476,6 +572,85 @@ fn log_closed(
         },
         "tunnel closed"
     );
+}
+
+/// Turns redirects on for a captured tunnel (after its leftovers are written). None when
+/// it stays on the ordinary relay: then its registration goes at once (the app's socket
+/// leaves the maps) and `state` says why.
+fn pair<'a>(
+    registration: &'a mut Option<zero_hop::Registration>,
+    client: &TcpStream,
+    state: &mut &'static str,
+) -> Option<&'a zero_hop::Registration> {
+    let r = registration.as_mut()?;
+    match r.pair(client) {
+        Ok(()) => {
+            *state = "paired";
+            registration.as_ref()
+        }
+        Err(e) => {
+            *state = e.as_str();
+            if let zero_hop::NotPaired::Map(e) = &e {
+                tracing::warn!(error = %e, "zero-hop: map operation failed, relaying as usual");
+            }
+            *registration = None;
+            None
+        }
+    }
+}
+
+/// A paired zero-hop tunnel: app → client is the kernel's redirects plus
+/// [`zero_hop::app_to_client`] for what takes the normal hop; client → app uses the
+/// configured relay for that direction alone.
+async fn relay_zero_hop(
+    relay: &Relay,
+    registration: &zero_hop::Registration,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+) -> RelayEnd {
+    // From here on app → client continues as a splice(2) relay wherever it stops (a
+    // takeover hands it over on that path).
+    progress.upstream_to_client.set_path(PathState::Splice);
+    let down = zero_hop::app_to_client(
+        registration,
+        upstream,
+        client,
+        &counters.upstream_to_client,
+        &progress.upstream_to_client,
+    );
+    let (up, up_progress) = (&counters.client_to_upstream, &progress.client_to_upstream);
+    let both = match relay {
+        Relay::Ebpf(splicer) => {
+            return ebpf::relay_up(splicer, client, upstream, counters, progress, down).await
+        }
+        Relay::Copy => tokio::try_join!(copy::one_way(client, upstream, up, up_progress), down),
+        Relay::Splice => {
+            tokio::try_join!(splice::one_way(client, upstream, up, up_progress), down)
+        }
+    };
+    match both {
+        Ok(_) => RelayEnd::Closed,
+        Err(e) => RelayEnd::Reset(e.kind()),
+    }
+}
+
+/// Switches zero-hop off for a tunnel whose relay stopped (it ended, or it pauses for a
+/// takeover): no redirect after this, and the bytes the app's sends put into the client
+/// socket join the direction's counters.
+fn end_zero_hop(registration: Option<zero_hop::Registration>, counters: &TunnelCounters) {
+    let Some(registration) = registration else {
+        return;
+    };
+    let paired = registration.paired();
+    let stats = registration.finish();
+    if paired {
+        counters
+            .upstream_to_client
+            .leave_zero_hop(stats.redirected_bytes);
+        tracing::debug!(?stats, "zero-hop counters");
+    }
 }
 
 /// Continues an adopted tunnel's directions, each on the path it was on.

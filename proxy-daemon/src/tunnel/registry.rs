@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::counters::{DirectionSnapshot, TunnelCounters};
 use super::ebpf::Splicer;
+use super::zero_hop::ZeroHop;
 
 /// One live tunnel.
 #[derive(Debug)]
@@ -43,6 +44,7 @@ pub struct BytesByPath {
     pub kernel: u64,
     pub splice: u64,
     pub copy: u64,
+    pub zero_hop: u64,
 }
 
 impl BytesByPath {
@@ -50,6 +52,7 @@ impl BytesByPath {
         self.kernel += d.kernel;
         self.splice += d.splice;
         self.copy += d.copy;
+        self.zero_hop += d.zero_hop;
     }
 }
 
@@ -67,12 +70,14 @@ pub struct Registry {
     /// Bytes of the tunnels that ended.
     ended: Mutex<TunnelBytes>,
     splicer: Option<Arc<Splicer>>,
+    zero_hop: Option<Arc<ZeroHop>>,
 }
 
 impl Registry {
-    pub fn new(splicer: Option<Arc<Splicer>>) -> Self {
+    pub fn new(splicer: Option<Arc<Splicer>>, zero_hop: Option<Arc<ZeroHop>>) -> Self {
         Registry {
             splicer,
+            zero_hop,
             ..Default::default()
         }
     }
@@ -154,9 +159,9 @@ impl Registry {
     }
 
     fn snapshot_of(&self, t: &LiveTunnel) -> TunnelSnapshot {
-        let splicer = self.splicer.as_deref();
-        let up = t.counters.client_to_upstream.snapshot(splicer);
-        let down = t.counters.upstream_to_client.snapshot(splicer);
+        let (splicer, zero_hop) = (self.splicer.as_deref(), self.zero_hop.as_deref());
+        let up = t.counters.client_to_upstream.snapshot(splicer, zero_hop);
+        let down = t.counters.upstream_to_client.snapshot(splicer, zero_hop);
         TunnelSnapshot {
             id: t.id,
             request_id: t.request_id.clone(),

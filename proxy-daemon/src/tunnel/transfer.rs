@@ -284,7 +284,11 @@ pub(super) fn send_straight_on(tunnel: Tunnel, outgoing: &mpsc::UnboundedSender<
         client_leftover,
         upstream,
         upstream_leftover,
+        zero_hop,
     } = tunnel;
+    // Nothing was redirected yet (pairing comes after the leftovers): the app's socket
+    // leaves zero-hop's maps and the successor relays the tunnel as usual.
+    drop(zero_hop);
     let way = |held: usize| DirectionState {
         path: PathState::Start,
         held,
@@ -424,6 +428,9 @@ async fn adopt(
             progress,
             takeovers: state.takeovers,
             resume: !fresh,
+            // Adopted tunnels are never zero-hop (they were switched back to the normal
+            // hop before they were sent).
+            zero_hop: None,
         },
     )
     .await;

@@ -240,7 +240,7 @@ fn unavailable(sys: System, e: anyhow::Error, entries: &mut [Entry]) -> Result<(
     let why = format!("{e:#}");
     let why: String = why.chars().take(160).collect();
     eprintln!("[bench] {} unavailable: {why}", sys.name());
-    let row = if sys == System::DaemonEbpf {
+    let row = if matches!(sys, System::DaemonEbpf | System::DaemonZeroHop) {
         Row::Unavailable(format!("did not start: {why}"))
     } else {
         Row::Failed(format!("did not start: {why}"))

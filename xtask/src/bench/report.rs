@@ -165,6 +165,7 @@ pub fn svg(tables: &[Table], systems: &[&str]) -> String {
     let colors: HashMap<&str, &str> = [
         ("direct", "#777777"),
         ("daemon ebpf", "#1b7837"),
+        ("daemon zero-hop", "#00441b"),
         ("daemon userspace", "#5aae61"),
         ("node http-proxy", "#d6604d"),
         ("nginx", "#4393c3"),

@@ -31,6 +31,7 @@ pub fn target(port: u16) -> String {
 pub enum System {
     Direct,
     DaemonEbpf,
+    DaemonZeroHop,
     DaemonOff,
     Node,
     Nginx,
@@ -38,9 +39,10 @@ pub enum System {
     Haproxy,
 }
 
-pub const ALL: [System; 7] = [
+pub const ALL: [System; 8] = [
     System::Direct,
     System::DaemonEbpf,
+    System::DaemonZeroHop,
     System::DaemonOff,
     System::Node,
     System::Nginx,
@@ -53,6 +55,7 @@ impl System {
         match self {
             System::Direct => "direct",
             System::DaemonEbpf => "daemon ebpf",
+            System::DaemonZeroHop => "daemon zero-hop",
             System::DaemonOff => "daemon userspace",
             System::Node => "node http-proxy",
             System::Nginx => "nginx",
@@ -66,6 +69,7 @@ impl System {
         match self {
             System::Direct => "client → upstream across the veth, no proxy (the limit)",
             System::DaemonEbpf => "`project-ingress-proxy --splice ebpf` (kernel SOCKMAP fast path for tunnels), default logging (see above)",
+            System::DaemonZeroHop => "`project-ingress-proxy --splice ebpf --zero-hop on` (the app's sends go straight into the client socket while it has room, docs/zero-hop.md; client→upstream as daemon ebpf), started with nsenter so the cgroup hierarchy is visible, default logging; tunnel scenarios only",
             System::DaemonOff => "`project-ingress-proxy --splice off` (userspace relay), default logging (see above)",
             System::Node => "npm `http-proxy` 1.18 without an agent, as the platform runs it: `Connection: close` upstream, so every request opens a new upstream connection and the upstream's close is relayed to the client",
             System::Nginx => "nginx, realistic routing config: `proxy_pass http://127.0.0.1:$port` with the port taken from the header (a new upstream connection per request), upgrade headers, buffering off, access log off, 2 workers",
@@ -193,13 +197,18 @@ pub fn start(
     let log = dir.join(format!("{}.log", sys.name().replace(' ', "-")));
     let proc = match sys {
         System::Direct => return Ok(None),
-        System::DaemonEbpf | System::DaemonOff => {
-            let mode = if sys == System::DaemonEbpf {
-                "ebpf"
-            } else {
-                "off"
+        System::DaemonEbpf | System::DaemonZeroHop | System::DaemonOff => {
+            let (mode, zero_hop) = match sys {
+                System::DaemonEbpf => ("ebpf", "off"),
+                System::DaemonZeroHop => ("ebpf", "on"),
+                _ => ("off", "off"),
             };
-            let mut cmd = topo.machine.command(paths.daemon.to_str().unwrap());
+            // Zero-hop attaches to the cgroup hierarchy, which `ip netns exec` hides.
+            let mut cmd = if sys == System::DaemonZeroHop {
+                topo.machine.enter(paths.daemon.to_str().unwrap())
+            } else {
+                topo.machine.command(paths.daemon.to_str().unwrap())
+            };
             // Production logging: no RUST_LOG and no --log-format, so the daemon's defaults
             // apply (info, JSON because stderr is not a terminal) and every request writes
             // its access line into the log file, as journald would receive it.
@@ -208,6 +217,8 @@ pub fn start(
                 &format!("0.0.0.0:{PROXY_PORT}"),
                 "--splice",
                 mode,
+                "--zero-hop",
+                zero_hop,
             ])
             .env_remove("RUST_LOG")
             .env_remove("PROJECT_INGRESS_PROXY_LOG_FORMAT")

@@ -10,7 +10,8 @@ use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     Direction, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP, LEDGER_MAP,
-    MEMORY_LIMIT_GLOBAL, MEMORY_MAP, SOCKS_MAP, TARGETS_MAP, WRITE_SEQ_OFFSET_GLOBAL,
+    MEMORY_LIMIT_GLOBAL, MEMORY_MAP, SOCKS_MAP, TARGETS_MAP, WRITE_SEQ_OFFSET_GLOBAL, ZH_APPS_MAP,
+    ZH_CLIENT_SOCKS_MAP, ZH_PEERS_MAP, ZH_STATS_MAP, ZH_TUNNELS_MAP,
 };
 use tokio::sync::watch;
 
@@ -18,7 +19,10 @@ use super::btf;
 use super::shared::{Accounting, MappedArray};
 use super::watch::{self as watcher, LiveDirections};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
+/// The eBPF object (`proxy-ebpf`), embedded at build time; empty when it was not built.
+/// Zero-hop loads its own instance of it (`tunnel::zero_hop`).
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
 /// Default per-direction budget: bytes redirected but not yet in the peer's TCP stream.
 pub const DEFAULT_BUDGET: u32 = 2 << 20;
@@ -308,6 +312,16 @@ impl Splicer {
             .map_max_entries(EVENTS_MAP, settings.event_ring_bytes);
         for map in [SOCKS_MAP, TARGETS_MAP, DIRECTIONS_MAP, LEDGER_MAP] {
             loader.map_max_entries(map, settings.max_sockets);
+        }
+        // Zero-hop's maps: its own instance of the object uses them, not this one.
+        for map in [
+            ZH_APPS_MAP,
+            ZH_PEERS_MAP,
+            ZH_TUNNELS_MAP,
+            ZH_STATS_MAP,
+            ZH_CLIENT_SOCKS_MAP,
+        ] {
+            loader.map_max_entries(map, 1);
         }
         let mut ebpf = loader
             .load(OBJECT)

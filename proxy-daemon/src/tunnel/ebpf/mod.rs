@@ -5,12 +5,13 @@
 //! over-budget hand-off, after which it takes the socket out of `SOCKS` and relays that
 //! direction itself; redirected bytes never wake it.
 
-mod btf;
+pub(crate) mod btf;
 mod loader;
 mod shared;
-mod sys;
+pub(crate) mod sys;
 mod watch;
 
+use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -22,6 +23,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+pub(crate) use loader::OBJECT;
 pub use loader::{
     object_embedded, Settings, Splicer, Stats, DEFAULT_BUDGET, DEFAULT_EVENT_RING_BYTES,
     DEFAULT_MAX_SOCKETS, DEFAULT_MEMORY_LIMIT,
@@ -152,10 +154,69 @@ pub async fn relay(
     counters: &TunnelCounters,
     progress: &Progress,
 ) -> RelayEnd {
+    relay_with(
+        splicer,
+        client,
+        upstream,
+        counters,
+        progress,
+        None::<std::future::Pending<io::Result<()>>>,
+    )
+    .await
+}
+
+/// A zero-hop tunnel: only client → upstream is spliced here; `down` carries upstream
+/// → client (the app's own sends into the client socket, and the daemon's relay of the
+/// normal hop), so the upstream socket is never a source. Both sockets still go into
+/// `TARGETS` (the client's psock must outlive its stint in `SOCKS`, as in `relay`).
+pub async fn relay_up(
+    splicer: &Splicer,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+    down: impl Future<Output = io::Result<()>>,
+) -> RelayEnd {
+    relay_with(splicer, client, upstream, counters, progress, Some(down)).await
+}
+
+/// The userspace relay, for a tunnel the kernel cannot take (`down`: see `relay_up`).
+async fn userspace(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+    down: Option<impl Future<Output = io::Result<()>>>,
+) -> RelayEnd {
+    let Some(down) = down else {
+        return super::copy::relay(client, upstream, counters, progress).await;
+    };
+    let up = super::copy::one_way(
+        client,
+        upstream,
+        &counters.client_to_upstream,
+        &progress.client_to_upstream,
+    );
+    match tokio::try_join!(up, down) {
+        Ok(_) => RelayEnd::Closed,
+        Err(e) => RelayEnd::Reset(e.kind()),
+    }
+}
+
+async fn relay_with(
+    splicer: &Splicer,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+    down: Option<impl Future<Output = io::Result<()>>>,
+) -> RelayEnd {
     let (c, u) = match (sys::cookie(client), sys::cookie(upstream)) {
         (Ok(c), Ok(u)) => (c, u),
-        _ => return Box::pin(super::copy::relay(client, upstream, counters, progress)).await,
+        _ => return Box::pin(userspace(client, upstream, counters, progress, down)).await,
     };
+    // Upstream → client in the kernel too (not for zero-hop).
+    let both_ways = down.is_none();
     // Where each send stream stands before any byte is redirected into it.
     let (client_base, upstream_base) =
         match (sys::stream_position(client), sys::stream_position(upstream)) {
@@ -189,9 +250,12 @@ pub async fn relay(
         &counters.upstream_to_client,
         &progress.upstream_to_client,
     );
-    for (from_cookie, from, to_cookie, to, to_base, dir_counters, dir_progress) in
-        [up_way, down_way]
-    {
+    let ways = if both_ways {
+        vec![up_way, down_way]
+    } else {
+        vec![up_way]
+    };
+    for (from_cookie, from, to_cookie, to, to_base, dir_counters, dir_progress) in ways {
         let from_base = match sys::consumed_position(from) {
             Ok(p) => p,
             Err(e) => {
@@ -224,7 +288,7 @@ pub async fn relay(
                 splicer.stats.maps_full.fetch_add(1, Relaxed);
                 tracing::debug!(error = %e, "fast path: maps full, relaying in userspace");
                 drop(spliced);
-                return Box::pin(super::copy::relay(client, upstream, counters, progress)).await;
+                return Box::pin(userspace(client, upstream, counters, progress, down)).await;
             }
         }
     }
@@ -235,7 +299,7 @@ pub async fn relay(
             }
             tracing::debug!(error = %e, "fast path: socket not spliceable, relaying in userspace");
             drop(spliced);
-            return Box::pin(super::copy::relay(client, upstream, counters, progress)).await;
+            return Box::pin(userspace(client, upstream, counters, progress, down)).await;
         }
         progress.add_target(cookie);
     }
@@ -274,7 +338,7 @@ pub async fn relay(
     }
     // Boxed: this frame's set-up state is not kept for the tunnel's life.
     let ways = Box::pin(run_ways(
-        splicer, &spliced, client, upstream, counters, progress,
+        splicer, &spliced, client, upstream, counters, progress, down,
     ));
     ways.await
 }
@@ -341,10 +405,21 @@ pub async fn resume(
             w.counters.enter_kernel(w.from_cookie);
         }
     }
-    run_ways(splicer, &spliced, client, upstream, counters, progress).await
+    let no_override = None::<std::future::Pending<io::Result<()>>>;
+    run_ways(
+        splicer,
+        &spliced,
+        client,
+        upstream,
+        counters,
+        progress,
+        no_override,
+    )
+    .await
 }
 
-/// Runs both directions until they end (or fail), each from where it stands.
+/// Runs both directions until they end (or fail), each from where it stands; `down`,
+/// when given, replaces the upstream → client direction (zero-hop).
 async fn run_ways(
     splicer: &Splicer,
     spliced: &Spliced<'_>,
@@ -352,6 +427,7 @@ async fn run_ways(
     upstream: &TcpStream,
     counters: &TunnelCounters,
     progress: &Progress,
+    down_override: Option<impl Future<Output = io::Result<()>>>,
 ) -> RelayEnd {
     let way_from = |s: &TcpStream| spliced.ways.iter().find(|w| std::ptr::eq(w.from, s));
     // The direction futures are made inside the block, so they are stored once.
@@ -365,14 +441,23 @@ async fn run_ways(
                 &counters.client_to_upstream,
                 &progress.client_to_upstream,
             ),
-            direction(
-                splicer,
-                way_from(upstream),
-                upstream,
-                client,
-                &counters.upstream_to_client,
-                &progress.upstream_to_client,
-            )
+            async {
+                match down_override {
+                    // Zero-hop: upstream → client is the app's sends and their normal hop.
+                    Some(down) => down.await,
+                    None => {
+                        direction(
+                            splicer,
+                            way_from(upstream),
+                            upstream,
+                            client,
+                            &counters.upstream_to_client,
+                            &progress.upstream_to_client,
+                        )
+                        .await
+                    }
+                }
+            }
         )
     };
     tokio::select! {

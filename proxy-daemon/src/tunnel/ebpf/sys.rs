@@ -192,3 +192,22 @@ pub fn consumed_position(fd: &impl AsRawFd) -> io::Result<u64> {
     }
     Err(io::Error::other("TCP receive position kept moving"))
 }
+
+/// Cookie of the network namespace this process's new sockets belong to (zero-hop's
+/// capture program looks only at sockets of the daemon's namespace).
+pub fn netns_cookie() -> io::Result<u64> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    check(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            &mut v as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}

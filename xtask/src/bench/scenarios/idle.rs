@@ -26,6 +26,10 @@ impl IdleTunnels {
 }
 
 impl Scenario for IdleTunnels {
+    fn tunnels(&self) -> bool {
+        true
+    }
+
     fn tables(&self) -> Vec<Table> {
         self.counts
             .iter()

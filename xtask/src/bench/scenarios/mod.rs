@@ -36,11 +36,17 @@ pub trait Scenario {
     fn run(&self, ctx: &Ctx, sys: System, proxy: Option<&Proc>, table: usize) -> Row;
 
     fn part(&self, sys: System) -> Part {
-        if sys == System::NginxPooled {
+        if sys == System::NginxPooled || (sys == System::DaemonZeroHop && !self.tunnels()) {
             Part::Absent
         } else {
             Part::Runs
         }
+    }
+
+    /// It measures upgraded connections (tunnels). Zero-hop changes nothing else, so
+    /// `daemon zero-hop` has rows only in such scenarios.
+    fn tunnels(&self) -> bool {
+        false
     }
 
     /// Each table is measured on a freshly started proxy; such scenarios run first.

@@ -59,7 +59,10 @@ impl Scenario for SpreadPorts {
     }
 
     fn part(&self, sys: System) -> Part {
-        if sys == System::NginxPooled {
+        if sys == System::DaemonZeroHop {
+            // Zero-hop changes tunnels only (see `Scenario::tunnels`).
+            Part::Absent
+        } else if sys == System::NginxPooled {
             Part::NotApplicable(
                 "a named `upstream` block lists its ports in the config; routing by header \
                  reaches ports no config lists",

@@ -46,6 +46,10 @@ fn repeats(quick: bool) -> usize {
 }
 
 impl Scenario for Tunnel {
+    fn tunnels(&self) -> bool {
+        true
+    }
+
     fn tables(&self) -> Vec<Table> {
         let table =
             if self.up == 0 {

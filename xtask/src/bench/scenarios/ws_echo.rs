@@ -40,6 +40,10 @@ impl WsEcho {
 }
 
 impl Scenario for WsEcho {
+    fn tunnels(&self) -> bool {
+        true
+    }
+
     fn tables(&self) -> Vec<Table> {
         let (title, chart) = if self.sockets == 1 {
             // One socket: latency is the point.
