@@ -901,15 +901,28 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
     let last = old;
 
     if fast_path {
-        // Still in the kernel after ten takeovers: the paced tunnels' directions never
-        // left it.
+        // Still in the kernel after ten takeovers: no takeover moved a paced direction
+        // out of it. The one thing allowed to is the machine-wide memory limit, shared
+        // with this test's bulk tunnels: on a loaded machine the kernel's sender falls
+        // behind, the queue passes 32 MiB and whichever direction adds bytes then is
+        // handed to userspace (`docs/fastpath.md`), paced or not.
         let live = live_tunnels(&topo).await?;
+        let mut in_kernel = 0;
         for t in tunnels.iter().filter(|t| t.kind == Kind::Paced) {
             let d = &live[&t.request_id];
             for way in ["client_to_upstream", "upstream_to_client"] {
-                ensure!(d[way]["path"] == "kernel", "{}: {d}", t.request_id);
+                if d[way]["path"] == "kernel" {
+                    in_kernel += 1;
+                } else {
+                    ensure!(
+                        d[way]["handoff"] == "memory_limit",
+                        "{}: a paced direction left the kernel: {d}",
+                        t.request_id
+                    );
+                }
             }
         }
+        ensure!(in_kernel > 0, "no paced direction is still in the kernel");
     }
 
     // The end: every writer stops and half-closes; every reader checks to EOF.
