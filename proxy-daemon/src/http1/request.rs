@@ -335,9 +335,8 @@ mod tests {
         ] {
             assert!(matches!(parse(raw, 65536), Err(HeadError::Malformed(_))));
         }
-        for raw in ["GET / HTTP/2.0\r\n\r\n"] {
-            assert!(matches!(err(raw), HeadError::Malformed(_)), "{raw:?}");
-        }
+        let raw = "GET / HTTP/2.0\r\n\r\n";
+        assert!(matches!(err(raw), HeadError::Malformed(_)), "{raw:?}");
     }
 
     #[test]
