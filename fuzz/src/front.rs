@@ -150,7 +150,9 @@ fn start_daemon(port: u16, secret: Option<&str>, own_ports: Vec<u16>) {
     let max_head = 64 * 1024;
     let shared: &'static Shared = Box::leak(Box::new(Shared {
         admission: Admission {
-            secret: secret.map(|s| Secret::new(s.as_bytes())),
+            secret: secret
+                .map(|s| std::sync::Arc::new(Secret::new(s.as_bytes())))
+                .into(),
             own_ports,
             allowed: None,
         },
@@ -165,8 +167,9 @@ fn start_daemon(port: u16, secret: Option<&str>, own_ports: Vec<u16>) {
                 max_response_head: max_head * 4,
             },
             capacity,
+            zero_hop: None,
         },
-        tunnels: Tunnels::new(Relay::Copy),
+        tunnels: Tunnels::new(Relay::Copy, None),
         capacity,
         max_head,
         max_response_head: max_head * 4,
