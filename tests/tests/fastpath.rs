@@ -1877,6 +1877,19 @@ async fn event_ring_full_still_hands_every_direction_over() {
         assert!(early.is_empty());
         pairs.push((id, c, upstream.handed.take(i).await));
     }
+    // Every tunnel's directions in the kernel before the daemon stops: one whose relay
+    // had not inserted its sockets yet would wait for the stopped daemon (under load,
+    // the 101 reaches the client before the relay task runs).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (rig.directions().len() as u64) < 2 * tunnels {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} directions entered the kernel",
+            rig.directions().len(),
+            2 * tunnels
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     rig.setup.daemon.signal(libc::SIGSTOP);
     let resumed = scopeguard_cont(rig.pid());
     // The upstreams write while the daemon is stopped; the kernel splices on.
