@@ -298,8 +298,11 @@ async fn tunnel_counters_agree_with_the_bytes_moved() -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let tunnels = list.as_array().expect("array");
+        // Listed by tunnel id: ids are taken as the tunnels start, on either worker, so
+        // the order of their request ids is not fixed.
+        let mut tunnels = list.as_array().expect("array").clone();
         assert_eq!(tunnels.len(), 2, "{mode:?}: {list}");
+        tunnels.sort_by_key(|t| t["request_id"].as_str().unwrap_or_default().to_owned());
         for (i, t) in tunnels.iter().enumerate() {
             assert_eq!(t["request_id"], format!("counted-{i}"), "{t}");
             assert_eq!(t["port"], 5000);
