@@ -896,6 +896,64 @@ async fn thousands_of_concurrent_short_tunnels() {
     }
 }
 
+/// An idle zero-hop tunnel holds its two sockets and nothing else (no splice pipe): the
+/// capacity budget counts two descriptors per tunnel, so anything more runs the daemon out
+/// of descriptors in `accept` before the budget answers `503 over_capacity` (7,500 idle
+/// tunnels on a 20,000-descriptor limit did). Then every tunnel still carries its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_hold_only_their_two_sockets() {
+    const TUNNELS: usize = 300;
+    let rig = Arc::new(Rig::start().await);
+    let app = App::start(
+        AppKind::Tokio,
+        &rig.topo.machine,
+        std::path::Path::new(RUST_APP),
+    )
+    .unwrap();
+    let closed = rig.log_lines("tunnel closed").len();
+    let mut open = Vec::with_capacity(TUNNELS);
+    for _ in 0..TUNNELS {
+        open.push(open_raw(&rig, &app, Via::Daemon, "/echo").await.unwrap());
+    }
+    // Each relay starts right after its 101 is written (and before, the daemon created a
+    // pipe there at once, on a readiness left from the HTTP exchange): give the last ones
+    // time to start, then count. Late relays could only hide extra descriptors, never
+    // add them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = rig.fd_count().saturating_sub(rig.fds_before);
+    assert!(
+        held <= 2 * TUNNELS + 8,
+        "{TUNNELS} idle tunnels hold {held} descriptors (2 per tunnel expected)"
+    );
+    let mut tasks = Vec::new();
+    for (i, (s, first)) in open.into_iter().enumerate() {
+        let i = i as u64;
+        tasks.push(tokio::spawn(async move {
+            let (mut r, mut w) = s.into_split();
+            let n = 100 + i % 900;
+            let (a, b) = tokio::join!(
+                receive_raw(&mut r, i, &first, n, None),
+                send_raw(&mut w, i, n)
+            );
+            a?;
+            b
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        match tokio::time::timeout(LIMIT, t).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("tunnel {i}: {other:?}"),
+        }
+    }
+    let done = app
+        .wait_done(TUNNELS, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(done.iter().all(|l| l.contains(" ok")), "{done:?}");
+    rig.assert_zero_hop(closed, TUNNELS, AppKind::Tokio).await;
+    rig.wait_idle().await;
+}
+
 /// Apps with blocking sockets stay on the ordinary relay (their tunnels say
 /// `zero_hop: false`), and the pattern that breaks a blocking `recv()` on a sockmap
 /// socket works for them: one thread blocked in `recv()` while another writes to a

@@ -408,6 +408,22 @@ async fn splice_burst(
     moved: &DirectionCounters,
     progress: &WayProgress,
 ) -> io::Result<bool> {
+    // U's readiness can be stale (left over from the HTTP exchange, or spurious): look
+    // before the pipe is created, so a tunnel that stays zero-hop (or idle) never holds
+    // one. Its two descriptors are not in the capacity budget: with a pipe per idle
+    // tunnel, 7,500 tunnels ran the daemon out of descriptors in `accept`.
+    let has_bytes = upstream.try_io(Interest::READABLE, || {
+        if socket::readable_now(upstream)? {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    });
+    match has_bytes {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
+    }
     loop {
         // Created on the first passed byte: a tunnel that stays zero-hop holds no pipe.
         let (pipe_read, pipe_write) = progress.pipe()?;
