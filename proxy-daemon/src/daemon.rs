@@ -288,6 +288,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     };
     let (zero_hop, zero_hop_reason) = choose_zero_hop(args.zero_hop, listen.port())?;
     let capacity = Capacity::new(files.soft);
+    capacity.install();
     tracing::info!(
         pid = std::process::id(),
         listen = %listen,

@@ -1,9 +1,13 @@
 //! File-descriptor capacity. The daemon raises its soft open-file limit to the hard one
-//! at start, keeps a reserve for itself, and counts every socket (and splice pipe) it
+//! at start, keeps a reserve for itself, and counts every socket and splice(2) pipe it
 //! holds for traffic against the rest. Past it, a new request is answered `503
 //! over_capacity` from the reserve instead of failing in `accept` or `connect`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// The daemon's capacity, for descriptors taken deep inside the relays (splice pipes).
+static PROCESS: OnceLock<&'static Capacity> = OnceLock::new();
 
 /// Descriptors kept out of the traffic budget: listeners, eBPF maps and programs, the
 /// log, and the connections answered while over capacity.
@@ -77,6 +81,30 @@ impl Drop for Overload {
 }
 
 impl Capacity {
+    /// Makes this the process's capacity: splice(2) pipes count against it too.
+    pub fn install(&'static self) {
+        let _ = PROCESS.set(self);
+    }
+
+    /// Two descriptors for a splice(2) pipe from the process's capacity (`None` when none
+    /// is installed: nothing to count). A relay that can copy instead asks with `force`
+    /// false and is refused (EMFILE) when the budget is full, so pipes never crowd out
+    /// `accept`; one that cannot (zero-hop's normal hop) takes them anyway, counted.
+    pub fn for_pipe(force: bool) -> std::io::Result<Option<Fds>> {
+        Self::pipe_from(PROCESS.get().copied(), force)
+    }
+
+    fn pipe_from(capacity: Option<&'static Capacity>, force: bool) -> std::io::Result<Option<Fds>> {
+        let Some(c) = capacity else {
+            return Ok(None);
+        };
+        match c.try_take(2, 0) {
+            Some(fds) => Ok(Some(fds)),
+            None if force => Ok(Some(c.take(2))),
+            None => Err(std::io::Error::from_raw_os_error(libc::EMFILE)),
+        }
+    }
+
     /// Capacity for a process allowed `soft_limit` open files.
     pub fn new(soft_limit: u64) -> &'static Capacity {
         let limit = (soft_limit as usize).saturating_sub(RESERVE).max(16);
@@ -136,6 +164,25 @@ impl Capacity {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_count_and_are_refused_when_the_budget_is_full() {
+        let c = Capacity::new(RESERVE as u64 + 4);
+        let first = Capacity::pipe_from(Some(c), false).unwrap();
+        assert!(first.is_some());
+        assert_eq!(c.in_use(), 2);
+        let _conns = c.take(c.limit() - 2);
+        // Full: a relay that can copy is refused, one that cannot still gets it, counted.
+        let refused = Capacity::pipe_from(Some(c), false).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EMFILE));
+        let forced = Capacity::pipe_from(Some(c), true).unwrap();
+        assert_eq!(c.in_use(), c.limit() + 2);
+        drop((first, forced));
+        assert_eq!(c.in_use(), c.limit() - 2);
+        assert!(Capacity::pipe_from(None, false).unwrap().is_none());
+    }
+
     use super::*;
 
     #[test]

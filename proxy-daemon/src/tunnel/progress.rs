@@ -160,12 +160,23 @@ impl WayProgress {
         }
     }
 
-    /// The splice(2) relay's pipe (read end, write end), created on first use.
+    /// The splice(2) relay's pipe (read end, write end), created on first use; refused
+    /// (EMFILE) when the descriptor budget is full, for a relay that can copy instead.
     pub fn pipe(&self) -> io::Result<(RawFd, RawFd)> {
+        self.pipe_counted(false)
+    }
+
+    /// The pipe, taken even past the descriptor budget (counted all the same): for a
+    /// relay with no copy fallback.
+    pub fn pipe_forced(&self) -> io::Result<(RawFd, RawFd)> {
+        self.pipe_counted(true)
+    }
+
+    fn pipe_counted(&self, force: bool) -> io::Result<(RawFd, RawFd)> {
         let mut w = self.inner.lock().unwrap();
         let pipe = match &w.pipe {
             Some(p) => p,
-            None => w.pipe.insert(Pipe::new()?),
+            None => w.pipe.insert(Pipe::new(force)?),
         };
         Ok((pipe.read.as_raw_fd(), pipe.write.as_raw_fd()))
     }

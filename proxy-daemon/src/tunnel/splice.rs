@@ -46,10 +46,15 @@ pub async fn relay(
 pub(super) struct Pipe {
     pub(super) read: OwnedFd,
     pub(super) write: OwnedFd,
+    /// Its two descriptors in the capacity budget, while it lives.
+    _counted: Option<crate::limits::Fds>,
 }
 
 impl Pipe {
-    pub(super) fn new() -> io::Result<Pipe> {
+    /// A pipe counted against the descriptor budget (`force`: see
+    /// [`Capacity::for_pipe`](crate::limits::Capacity::for_pipe)).
+    pub(super) fn new(force: bool) -> io::Result<Pipe> {
+        let counted = crate::limits::Capacity::for_pipe(force)?;
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills both fds on success; we own them from here.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -59,6 +64,7 @@ impl Pipe {
             Pipe {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
+                _counted: counted,
             }
         };
         // Best effort: a smaller pipe still works.

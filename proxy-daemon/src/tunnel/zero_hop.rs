@@ -426,7 +426,7 @@ async fn splice_burst(
     }
     loop {
         // Created on the first passed byte: a tunnel that stays zero-hop holds no pipe.
-        let (pipe_read, pipe_write) = progress.pipe()?;
+        let (pipe_read, pipe_write) = progress.pipe_forced()?;
         match upstream.try_io(Interest::READABLE, || {
             splice(upstream.as_raw_fd(), pipe_write, CHUNK)
         }) {
