@@ -183,8 +183,6 @@ mod tests {
         assert!(Capacity::pipe_from(None, false).unwrap().is_none());
     }
 
-    use super::*;
-
     #[test]
     fn budget_counts_and_releases() {
         let c = Capacity::new(RESERVE as u64 + 4);
