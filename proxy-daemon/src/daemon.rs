@@ -429,6 +429,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 // the exit for the clean end of its stream.
                 admin::READY.store(false, Ordering::Relaxed);
                 let _ = tokio::time::timeout(Duration::from_secs(5), shared.tunnels.close_all()).await;
+                // The workers hand their last log lines (those closing lines) over as
+                // they stop: stop them before the process exits.
+                shared.stop_accepting.cancel();
+                exit.cancel();
+                for t in threads {
+                    let _ = t.join();
+                }
                 anyhow::bail!("the in-kernel fast path stopped handing directions over ({reason})");
             }
             _ = sigterm.recv() => {

@@ -182,17 +182,39 @@ impl Rig {
             assert_eq!(v["data_path"], "ebpf", "{start}");
         }
         rig.fast_path = v["data_path"] == "ebpf";
-        // The harness's start-up probe connection must be gone before a test takes its fd
-        // baseline, or a leaked fd could hide behind it.
+        rig.settle().await;
+        rig
+    }
+
+    /// Waits until the daemon is fully up before a test takes its fd baseline: the fast
+    /// path finishes loading after the start line (its descriptors come then), and the
+    /// harness's start-up probe connection must be gone, or a leaked fd could hide
+    /// behind it.
+    async fn settle(&self) {
+        if self.fast_path {
+            self.wait_log("in-kernel fast path loaded", 0)
+                .await
+                .expect("no fast-path line after the start line");
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while rig.open_connections() > 0 {
+        while self.open_connections() > 0 {
             assert!(
                 Instant::now() < deadline,
                 "start-up probe connection still open"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        rig
+        // The worker threads build their runtimes (an epoll and an eventfd each) after
+        // the start line: wait for the descriptor count to hold still.
+        let mut last = self.fd_count();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.fd_count();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
     }
 
     /// Starts the daemon again on the same topology (after the previous one died).
@@ -208,6 +230,7 @@ impl Rig {
             .expect("no start line");
         let v: serde_json::Value = serde_json::from_str(&start).unwrap();
         self.fast_path = v["data_path"] == "ebpf";
+        self.settle().await;
     }
 
     /// A TCP connection to the daemon from the client namespace, across the veth.
