@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
@@ -133,16 +135,18 @@ pub fn count_keys(map: &OwnedFd) -> usize {
     }
 }
 
+/// The head of `union bpf_attr` for element commands.
+#[repr(C)]
+struct Elem {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
 /// Reads the value under `key` into `value`; false if there is none.
 pub fn lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> bool {
-    #[repr(C)]
-    struct Elem {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
     let mut attr = Elem {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
@@ -172,4 +176,68 @@ pub fn map_key_counts(pid: i32) -> BTreeMap<String, usize> {
         }
     }
     counts
+}
+
+/// Deletes `key` from a map; false if it was not there.
+pub fn delete(map: &OwnedFd, key: &[u8]) -> bool {
+    let mut attr = Elem {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: 0,
+        flags: 0,
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr) == 0
+}
+
+/// Every key of a map with u64 keys.
+pub fn keys(map: &OwnedFd) -> Vec<u64> {
+    #[repr(C)]
+    struct NextKey {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let mut out = Vec::new();
+    let mut next = 0u64;
+    loop {
+        let prev = out.last().copied();
+        let r = bpf(
+            BPF_MAP_GET_NEXT_KEY,
+            &mut NextKey {
+                map_fd: map.as_raw_fd() as u32,
+                _pad: 0,
+                key: prev.as_ref().map_or(0, |k| k as *const u64 as u64),
+                next_key: &mut next as *mut u64 as u64,
+            },
+        );
+        if r < 0 || out.len() > 1_000_000 {
+            return out;
+        }
+        out.push(next);
+    }
+}
+
+/// Whether a program with this id still exists.
+pub fn prog_exists(id: u32) -> bool {
+    #[repr(C)]
+    struct GetFd {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let fd = bpf(
+        BPF_PROG_GET_FD_BY_ID,
+        &mut GetFd {
+            id,
+            next_id: 0,
+            open_flags: 0,
+        },
+    );
+    if fd >= 0 {
+        // SAFETY: a new fd the kernel just returned.
+        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    }
+    fd >= 0
 }

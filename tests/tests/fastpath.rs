@@ -21,10 +21,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tests::bpf;
 use tests::pattern::{self, Verifier};
 use tests::upstream::read_head;
 use tests::{v4, Setup};
@@ -378,10 +379,7 @@ fn bpf_ids(pid: i32, kind: &str) -> BTreeSet<u32> {
 impl Rig {
     /// One of the daemon's fast-path maps, by name.
     fn map(&self, name: &str) -> Option<OwnedFd> {
-        bpf_ids(self.pid(), "map_id:")
-            .into_iter()
-            .filter_map(bpf::map_by_id)
-            .find(|m| bpf::map_info(m).is_some_and(|(n, _)| n == name))
+        bpf::map_named(self.pid(), name)
     }
 
     /// The machine-wide counters the verdict keeps: (bytes queued in the kernel now,
@@ -435,214 +433,19 @@ impl Rig {
             let Some(map) = bpf::map_by_id(id) else {
                 continue;
             };
-            let Some((name, key_size)) = bpf::map_info(&map) else {
+            let Some((name, _)) = bpf::map_info(&map) else {
                 continue;
             };
             if SOCKET_MAPS.contains(&name.as_str()) {
-                m.sockets += bpf::count_keys(&map, key_size);
+                m.sockets += bpf::count_keys(&map);
             } else if name == DIRECTION_MAP {
-                m.directions += bpf::count_keys(&map, key_size);
+                m.directions += bpf::count_keys(&map);
             } else {
                 continue;
             }
             m.found.insert(name);
         }
         m
-    }
-}
-
-/// The few bpf(2) commands the leak check needs.
-mod bpf {
-    use super::*;
-
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-
-    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
-        // SAFETY: `attr` is the repr(C) prefix of union bpf_attr that `cmd` reads; the
-        // kernel reads and writes at most size_of::<T>() bytes of it.
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) }
-    }
-
-    pub fn map_by_id(id: u32) -> Option<OwnedFd> {
-        #[repr(C)]
-        struct GetFd {
-            id: u32,
-            next_id: u32,
-            open_flags: u32,
-        }
-        let fd = bpf(
-            BPF_MAP_GET_FD_BY_ID,
-            &mut GetFd {
-                id,
-                next_id: 0,
-                open_flags: 0,
-            },
-        );
-        // SAFETY: a new fd the kernel just returned, owned by nobody else.
-        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// The map's name and key size.
-    pub fn map_info(map: &OwnedFd) -> Option<(String, usize)> {
-        /// The head of struct bpf_map_info (the kernel fills what fits).
-        #[repr(C)]
-        #[derive(Default)]
-        struct MapInfo {
-            map_type: u32,
-            id: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            map_flags: u32,
-            name: [u8; 16],
-        }
-        #[repr(C)]
-        struct InfoByFd {
-            bpf_fd: u32,
-            info_len: u32,
-            info: u64,
-        }
-        let mut info = MapInfo::default();
-        let r = bpf(
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut InfoByFd {
-                bpf_fd: map.as_raw_fd() as u32,
-                info_len: std::mem::size_of::<MapInfo>() as u32,
-                info: &mut info as *mut MapInfo as u64,
-            },
-        );
-        if r < 0 {
-            return None;
-        }
-        let len = info.name.iter().position(|&b| b == 0).unwrap_or(16);
-        Some((
-            String::from_utf8_lossy(&info.name[..len]).into_owned(),
-            info.key_size as usize,
-        ))
-    }
-
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-
-    #[repr(C)]
-    struct Elem {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-
-    /// Reads the value under `key` into `value`; false if there is none.
-    pub fn lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> bool {
-        let mut attr = Elem {
-            map_fd: map.as_raw_fd() as u32,
-            _pad: 0,
-            key: key.as_ptr() as u64,
-            value: value.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) == 0
-    }
-
-    pub fn delete(map: &OwnedFd, key: &[u8]) -> bool {
-        let mut attr = Elem {
-            map_fd: map.as_raw_fd() as u32,
-            _pad: 0,
-            key: key.as_ptr() as u64,
-            value: 0,
-            flags: 0,
-        };
-        bpf(BPF_MAP_DELETE_ELEM, &mut attr) == 0
-    }
-
-    /// Every key of a map with u64 keys.
-    pub fn keys(map: &OwnedFd) -> Vec<u64> {
-        #[repr(C)]
-        struct NextKey {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            next_key: u64,
-        }
-        let mut out = Vec::new();
-        let mut next = 0u64;
-        loop {
-            let prev = out.last().copied();
-            let r = bpf(
-                BPF_MAP_GET_NEXT_KEY,
-                &mut NextKey {
-                    map_fd: map.as_raw_fd() as u32,
-                    _pad: 0,
-                    key: prev.as_ref().map_or(0, |k| k as *const u64 as u64),
-                    next_key: &mut next as *mut u64 as u64,
-                },
-            );
-            if r < 0 || out.len() > 1_000_000 {
-                return out;
-            }
-            out.push(next);
-        }
-    }
-
-    /// Whether a program with this id still exists.
-    pub fn prog_exists(id: u32) -> bool {
-        #[repr(C)]
-        struct GetFd {
-            id: u32,
-            next_id: u32,
-            open_flags: u32,
-        }
-        let fd = bpf(
-            BPF_PROG_GET_FD_BY_ID,
-            &mut GetFd {
-                id,
-                next_id: 0,
-                open_flags: 0,
-            },
-        );
-        if fd >= 0 {
-            // SAFETY: a new fd the kernel just returned.
-            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        }
-        fd >= 0
-    }
-
-    pub fn count_keys(map: &OwnedFd, key_size: usize) -> usize {
-        #[repr(C)]
-        struct NextKey {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            next_key: u64,
-        }
-        let mut key = vec![0u8; key_size];
-        let mut next = vec![0u8; key_size];
-        let mut n = 0;
-        loop {
-            let r = bpf(
-                BPF_MAP_GET_NEXT_KEY,
-                &mut NextKey {
-                    map_fd: map.as_raw_fd() as u32,
-                    _pad: 0,
-                    // The first call passes no key: the map's first key comes back.
-                    key: if n == 0 { 0 } else { key.as_ptr() as u64 },
-                    next_key: next.as_mut_ptr() as u64,
-                },
-            );
-            if r < 0 {
-                break;
-            }
-            n += 1;
-            key.copy_from_slice(&next);
-            if n > 1_000_000 {
-                break;
-            }
-        }
-        n
     }
 }
 

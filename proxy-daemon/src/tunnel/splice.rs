@@ -149,22 +149,32 @@ pub(super) async fn one_way(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        loop {
-            let left = progress.in_pipe();
-            if left == 0 {
-                break;
+        drain_pipe(pipe_read, to, moved, progress).await?;
+    }
+}
+
+/// Splices everything in the direction's pipe into `to` (it waits while `to` is full).
+pub(super) async fn drain_pipe(
+    pipe_read: RawFd,
+    to: &TcpStream,
+    moved: &DirectionCounters,
+    progress: &WayProgress,
+) -> io::Result<()> {
+    loop {
+        let left = progress.in_pipe();
+        if left == 0 {
+            return Ok(());
+        }
+        to.writable().await?;
+        match to.try_io(Interest::WRITABLE, || {
+            splice(pipe_read, to.as_raw_fd(), left)
+        }) {
+            Ok(n) => {
+                progress.drained(n);
+                moved.spliced(n as u64);
             }
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe_read, to.as_raw_fd(), left)
-            }) {
-                Ok(n) => {
-                    progress.drained(n);
-                    moved.spliced(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
     }
 }

@@ -436,22 +436,6 @@ async fn splice_burst(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        loop {
-            let left = progress.in_pipe();
-            if left == 0 {
-                break;
-            }
-            client.writable().await?;
-            match client.try_io(Interest::WRITABLE, || {
-                splice(pipe_read, client.as_raw_fd(), left)
-            }) {
-                Ok(n) => {
-                    progress.drained(n);
-                    moved.spliced(n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        super::splice::drain_pipe(pipe_read, client, moved, progress).await?;
     }
 }
