@@ -138,11 +138,12 @@ impl Daemon {
     }
 
     pub fn logs(&self) -> String {
-        // Lossy: a read that catches the daemon's writer mid-line may end inside a
-        // multi-byte character, which must not turn the whole log into "".
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        // Whole lines only: a read racing the daemon's `writev` may end mid-line, and a
+        // half line would fail a JSON parse that the next read would pass.
+        let mut bytes = std::fs::read(&self.log_path).unwrap_or_default();
+        let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        bytes.truncate(whole);
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// The log once it contains `needle` (lines are written in batches, a few
@@ -158,6 +159,57 @@ impl Daemon {
                 bail!("the log never contained {needle:?}:\n{logs}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The log once `needle` occurs in it `n` times or more; fails after 5 s.
+    pub async fn log_with_count(&self, needle: &str, n: usize) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = self.logs();
+            if logs.matches(needle).count() >= n {
+                return Ok(logs);
+            }
+            if Instant::now() > deadline {
+                bail!("the log never contained {needle:?} {n} times:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Long enough for any line already logged to have reached the file (the daemon
+    /// writes its log in batches, at most 100 ms apart): for checks that a line is absent.
+    pub async fn settle_log(&self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// SIGSTOP, then waits until every thread of the daemon is stopped: `kill` returns
+    /// before the group stop reaches each thread, and a thread still running (the fast
+    /// path's real-time hand-off thread wins a CPU first) could act on what the test
+    /// does next. Panics after 5 s.
+    pub async fn stop_process(&self) {
+        self.signal(libc::SIGSTOP);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+                .expect("the daemon's threads")
+                .filter_map(|t| t.ok())
+                .map(|t| std::fs::read_to_string(t.path().join("stat")).unwrap_or_default());
+            // The state follows the command name's closing parenthesis.
+            let running = tasks
+                .filter(|stat| {
+                    let state = stat.rsplit_once(") ").map(|(_, rest)| rest.as_bytes()[0]);
+                    state != Some(b'T') && state.is_some()
+                })
+                .count();
+            if running == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{running} daemon threads still running 5 s after SIGSTOP"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -1716,7 +1716,7 @@ async fn event_ring_full_still_hands_every_direction_over() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    rig.setup.daemon.signal(libc::SIGSTOP);
+    rig.setup.daemon.stop_process().await;
     let resumed = scopeguard_cont(rig.pid());
     // The upstreams write while the daemon is stopped; the kernel splices on.
     let mut ends = Vec::new();
@@ -1731,11 +1731,18 @@ async fn event_ring_full_still_hands_every_direction_over() {
         if redirected == tunnels * n {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the kernel redirected {redirected} of {} bytes",
-            tunnels * n
-        );
+        if Instant::now() > deadline {
+            let short: Vec<String> = rig
+                .directions()
+                .iter()
+                .filter(|(_, d)| d.redirected != 0 && d.redirected != n)
+                .map(|(k, d)| format!("{k}: {} bytes, flags {:#x}", d.redirected, d.flags))
+                .collect();
+            panic!(
+                "the kernel redirected {redirected} of {} bytes; short directions: {short:?}",
+                tunnels * n
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (_, _, missed) = rig.kernel_memory();
