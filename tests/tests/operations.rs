@@ -171,6 +171,7 @@ async fn sighup_reloads_the_secret_file_and_the_log_level_without_dropping_anyth
     )
     .await?
     .starts_with("HTTP/1.1 200"));
+    s.daemon.settle_log().await;
     assert!(
         !s.daemon.logs().contains(r#""message":"request""#),
         "warn level: no access lines"

@@ -59,6 +59,8 @@ async fn repeated_unauthorized_requests_close_the_connection() -> Result<()> {
     let answer = read_until_close(&mut c, Duration::from_secs(3)).await;
     assert_eq!(answer.matches("HTTP/1.1 401").count(), 3, "{answer}");
     assert_eq!(answer.matches("Connection: close").count(), 1, "{answer}");
+    s.daemon.log_with_count(r#""status":401"#, 3).await?;
+    s.daemon.settle_log().await;
     assert!(
         !s.daemon.logs().contains("guess"),
         "presented secrets are never logged"

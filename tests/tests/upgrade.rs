@@ -249,8 +249,7 @@ async fn reset_on_one_side_resets_the_other() -> Result<()> {
             Ok(n) => panic!("expected a reset, read {n} bytes (clean EOF hides the failure)"),
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let logs = s.daemon.logs();
+    let logs = s.daemon.log_with_count("tunnel closed", 2).await?;
     assert_eq!(logs.matches("tunnel opened").count(), 2, "{logs}");
     assert_eq!(logs.matches("tunnel closed").count(), 2, "{logs}");
     assert!(logs.contains("client_to_upstream"), "{logs}");
