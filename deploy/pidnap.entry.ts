@@ -1,7 +1,8 @@
 // Entry for sandbox/pidnap.config.ts (the platform's process supervisor), replacing the
 // Node `apps/project-ingress-proxy/server.ts` process. Same name, same port, same env.
 // pidnap runs it as root on the machine; the daemon needs only CAP_BPF + CAP_NET_ADMIN
-// (+ CAP_PERFMON) for the eBPF fast path and falls back to userspace without them.
+// (+ CAP_PERFMON) for the eBPF fast path and falls back to userspace without them
+// (CAP_SYS_NICE, optional, lets its hand-off thread run real-time).
 //
 // Binary upgrade without dropping a tunnel (docs/operations.md, "Takeover"): install the
 // new binary at the same path (a rename, e.g. `install -m 755 new
