@@ -19,6 +19,16 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
 
 /// Ids of the BPF maps a process holds descriptors of.
 pub fn map_ids(pid: i32) -> BTreeSet<u32> {
+    object_ids(pid, "map_id:")
+}
+
+/// Ids of the BPF programs a process holds descriptors of.
+pub fn prog_ids(pid: i32) -> BTreeSet<u32> {
+    object_ids(pid, "prog_id:")
+}
+
+/// Ids of the BPF objects whose fdinfo line starts with `kind` (`map_id:`, `prog_id:`).
+fn object_ids(pid: i32, kind: &str) -> BTreeSet<u32> {
     let mut ids = BTreeSet::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
         for e in dir.flatten() {
@@ -27,7 +37,7 @@ pub fn map_ids(pid: i32) -> BTreeSet<u32> {
             };
             if let Some(id) = info
                 .lines()
-                .find_map(|l| l.strip_prefix("map_id:"))
+                .find_map(|l| l.strip_prefix(kind))
                 .and_then(|v| v.trim().parse::<u32>().ok())
             {
                 ids.insert(id);

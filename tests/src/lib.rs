@@ -5,6 +5,8 @@ pub mod apps;
 pub mod bpf;
 pub mod client;
 pub mod daemon;
+pub mod fastpath;
+pub mod inspect;
 pub mod netns;
 pub mod pattern;
 pub mod recording;

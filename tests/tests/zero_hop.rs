@@ -62,57 +62,29 @@ impl Rig {
         let daemon = zero_hop_daemon(&topo, extra)
             .await
             .expect("starting the daemon");
-        let rig = Rig {
-            daemon,
-            topo,
-            fds_before: 0,
-        };
-        let start = rig
-            .wait_log("project-ingress-proxy started")
+        let start = daemon
+            .wait_log_line("project-ingress-proxy started", 0)
             .await
-            .unwrap_or_else(|| panic!("no start line:\n{}", rig.daemon.logs()));
+            .unwrap_or_else(|| panic!("no start line:\n{}", daemon.logs()));
         assert!(
             start.contains("\"zero_hop\":\"/"),
             "zero-hop did not attach to a cgroup: {start}"
         );
-        // The harness's start-up probe connection must be gone before the fd baseline.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        daemon.settle().await;
         Rig {
-            fds_before: rig.fd_count(),
-            ..rig
+            fds_before: daemon.open_fds(),
+            daemon,
+            topo,
         }
     }
 
-    fn fd_count(&self) -> usize {
-        self.daemon.open_fds()
-    }
-
-    async fn wait_log(&self, needle: &str) -> Option<String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(l) = self.daemon.logs().lines().find(|l| l.contains(needle)) {
-                return Some(l.to_owned());
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
+    /// The log lines containing `needle`, parsed.
     fn log_lines(&self, needle: &str) -> Vec<serde_json::Value> {
         self.daemon
-            .logs()
-            .lines()
-            .filter(|l| l.contains(needle))
+            .log_lines(needle)
+            .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let logs = self.daemon.logs();
-        let lines: Vec<&str> = logs.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     async fn connect(&self) -> Result<TcpStream> {
@@ -142,7 +114,7 @@ impl Rig {
                 counts.contains_key("ZH_APPS"),
                 "zero-hop maps missing: {counts:?}"
             );
-            let fds = self.fd_count();
+            let fds = self.daemon.open_fds();
             if held == 0 && fds <= self.fds_before {
                 return;
             }
@@ -150,7 +122,7 @@ impl Rig {
                 panic!(
                     "leak: map entries {counts:?}, {fds} fds (before: {}); log tail:\n{}",
                     self.fds_before,
-                    self.log_tail(20)
+                    self.daemon.log_tail(20)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -183,7 +155,7 @@ impl Rig {
                 "{}: {} of {count} tunnels closed; log tail:\n{}",
                 app.name(),
                 closed.len() - closed_before,
-                self.log_tail(10)
+                self.daemon.log_tail(10)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
@@ -641,7 +613,7 @@ async fn each_app(sc: impl Fn(AppKind) -> Scenario) {
                 "{} {scenario:?}: {err}; app said {:?}; daemon log tail:\n{}",
                 kind.name(),
                 app.done_lines(),
-                rig.log_tail(12)
+                rig.daemon.log_tail(12)
             );
         }
         let done = app.wait_done(1, Duration::from_secs(20)).await.unwrap();
@@ -733,12 +705,12 @@ async fn stalled_client_no_spin_no_stall_bounded_memory() {
                 Ok(Err(e)) => panic!(
                     "{} {via:?}: {e:#}; log tail:\n{}",
                     kind.name(),
-                    rig.log_tail(12)
+                    rig.daemon.log_tail(12)
                 ),
                 Err(_) => panic!(
                     "{} {via:?}: stalled; log tail:\n{}",
                     kind.name(),
-                    rig.log_tail(12)
+                    rig.daemon.log_tail(12)
                 ),
             }
             let cpu = report.cpu_ticks.load(Ordering::Relaxed);
@@ -920,7 +892,7 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
     // time to start, then count. Late relays could only hide extra descriptors, never
     // add them.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let held = rig.fd_count().saturating_sub(rig.fds_before);
+    let held = rig.daemon.open_fds().saturating_sub(rig.fds_before);
     assert!(
         held <= 2 * TUNNELS + 8,
         "{TUNNELS} idle tunnels hold {held} descriptors (2 per tunnel expected)"
@@ -1188,9 +1160,9 @@ async fn takeover_with(relay: &[&str]) {
     for (name, task) in tasks {
         match tokio::time::timeout(LIMIT, task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => panic!("{name}: {e:#}; log tail:\n{}", rig.log_tail(20)),
+            Ok(Ok(Err(e))) => panic!("{name}: {e:#}; log tail:\n{}", rig.daemon.log_tail(20)),
             Ok(Err(e)) => panic!("{name}: {e}"),
-            Err(_) => panic!("{name}: stalled; log tail:\n{}", rig.log_tail(20)),
+            Err(_) => panic!("{name}: stalled; log tail:\n{}", rig.daemon.log_tail(20)),
         }
     }
     for app in &apps {

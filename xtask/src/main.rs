@@ -4,6 +4,7 @@
 mod bench;
 mod ebpf;
 mod fuzz;
+mod measure;
 mod soak;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,14 @@ enum Cmd {
     },
     /// The long fast-path torture run (many repetitions of the bulk and close cases).
     Torture,
+    /// A fast-path measurement (docs/fastpath.md, "Measured"): `relays` (throughput, RTT
+    /// and CPU per relay) or `stalled-memory` (memory per tunnel with stalled readers).
+    Measure {
+        what: measure::What,
+        /// Runs of each stalled-memory case.
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+    },
     /// Benchmark the daemon against direct, Node http-proxy, nginx and HAProxy; a full run
     /// writes bench/results/.
     Bench {
@@ -192,6 +201,7 @@ fn main() -> Result<()> {
                 &[("FASTPATH_TORTURE", "1")],
             )?;
         }
+        Cmd::Measure { what, runs } => measure::run(what, runs)?,
         Cmd::Bench { quick } => {
             build_daemon()?;
             bench::run(quick)?;
