@@ -732,6 +732,14 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
         "--upstream-idle-timeout",
         "1s",
     ];
+    if fast_path {
+        // No machine-wide kernel memory limit: this test's own bulk tunnels would push
+        // the shared 32 MiB over it, and then every direction that sends, paced ones
+        // included, leaves the kernel for the limit (how often depends on the machine's
+        // load). Here only the per-direction budget may take a direction out, so a paced
+        // direction out of the kernel can only be the takeover's doing.
+        args.extend_from_slice(&["--ebpf-memory-limit", "0"]);
+    }
     args.extend_from_slice(mode);
     let mut takeover_args = args.clone();
     takeover_args.push("--takeover");
@@ -902,27 +910,18 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
 
     if fast_path {
         // Still in the kernel after ten takeovers: no takeover moved a paced direction
-        // out of it. The one thing allowed to is the machine-wide memory limit, shared
-        // with this test's bulk tunnels: on a loaded machine the kernel's sender falls
-        // behind, the queue passes 32 MiB and whichever direction adds bytes then is
-        // handed to userspace (`docs/fastpath.md`), paced or not.
+        // out of it (and with no machine-wide limit, nothing else may).
         let live = live_tunnels(&topo).await?;
-        let mut in_kernel = 0;
         for t in tunnels.iter().filter(|t| t.kind == Kind::Paced) {
             let d = &live[&t.request_id];
             for way in ["client_to_upstream", "upstream_to_client"] {
-                if d[way]["path"] == "kernel" {
-                    in_kernel += 1;
-                } else {
-                    ensure!(
-                        d[way]["handoff"] == "memory_limit",
-                        "{}: a paced direction left the kernel: {d}",
-                        t.request_id
-                    );
-                }
+                ensure!(
+                    d[way]["path"] == "kernel",
+                    "{}: a paced direction left the kernel: {d}",
+                    t.request_id
+                );
             }
         }
-        ensure!(in_kernel > 0, "no paced direction is still in the kernel");
     }
 
     // The end: every writer stops and half-closes; every reader checks to EOF.
