@@ -48,6 +48,11 @@ fn object_ids(pid: i32, kind: &str) -> BTreeSet<u32> {
 }
 
 pub fn map_by_id(id: u32) -> Option<OwnedFd> {
+    fd_by_id(BPF_MAP_GET_FD_BY_ID, id)
+}
+
+/// A map's or program's fd from its id (`BPF_MAP_GET_FD_BY_ID`, `BPF_PROG_GET_FD_BY_ID`).
+fn fd_by_id(cmd: libc::c_long, id: u32) -> Option<OwnedFd> {
     #[repr(C)]
     struct GetFd {
         id: u32,
@@ -55,7 +60,7 @@ pub fn map_by_id(id: u32) -> Option<OwnedFd> {
         open_flags: u32,
     }
     let fd = bpf(
-        BPF_MAP_GET_FD_BY_ID,
+        cmd,
         &mut GetFd {
             id,
             next_id: 0,
@@ -231,23 +236,5 @@ pub fn keys(map: &OwnedFd) -> Vec<u64> {
 
 /// Whether a program with this id still exists.
 pub fn prog_exists(id: u32) -> bool {
-    #[repr(C)]
-    struct GetFd {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    let fd = bpf(
-        BPF_PROG_GET_FD_BY_ID,
-        &mut GetFd {
-            id,
-            next_id: 0,
-            open_flags: 0,
-        },
-    );
-    if fd >= 0 {
-        // SAFETY: a new fd the kernel just returned.
-        drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    }
-    fd >= 0
+    fd_by_id(BPF_PROG_GET_FD_BY_ID, id).is_some()
 }

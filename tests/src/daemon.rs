@@ -149,17 +149,7 @@ impl Daemon {
     /// The log once it contains `needle` (lines are written in batches, a few
     /// milliseconds after the event); fails after 5 s.
     pub async fn log_containing(&self, needle: &str) -> Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let logs = self.logs();
-            if logs.contains(needle) {
-                return Ok(logs);
-            }
-            if Instant::now() > deadline {
-                bail!("the log never contained {needle:?}:\n{logs}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.log_with_count(needle, 1).await
     }
 
     /// The log once `needle` occurs in it `n` times or more; fails after 5 s.
@@ -171,7 +161,8 @@ impl Daemon {
                 return Ok(logs);
             }
             if Instant::now() > deadline {
-                bail!("the log never contained {needle:?} {n} times:\n{logs}");
+                let times = logs.matches(needle).count();
+                bail!("the log contained {needle:?} {times} times, not {n}:\n{logs}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -296,6 +296,19 @@ async fn send_raw(w: &mut (impl AsyncWriteExt + Unpin), seed: u64, n: u64) -> Re
     Ok(())
 }
 
+/// Short tunnel number `i` through an echo app: sends 100–999 checked bytes and EOF, and
+/// checks every byte and the EOF that come back (`first`: bytes read with the 101).
+async fn echo_short(s: TcpStream, first: &[u8], i: u64) -> Result<()> {
+    let (mut r, mut w) = s.into_split();
+    let n = 100 + i % 900;
+    let (received, sent) = tokio::join!(
+        receive_raw(&mut r, i, first, n, None),
+        send_raw(&mut w, i, n)
+    );
+    received?;
+    sent
+}
+
 /// A pause in reading, with what to measure meanwhile.
 struct Stall<'a> {
     after: u64,
@@ -829,14 +842,7 @@ async fn thousands_of_concurrent_short_tunnels() {
             let (rig, app) = (rig.clone(), app.clone());
             tasks.push(tokio::spawn(async move {
                 let (s, first) = open_raw(&rig, &app, Via::Daemon, "/echo").await?;
-                let (mut r, mut w) = s.into_split();
-                let n = 100 + i % 900;
-                let (a, b) = tokio::join!(
-                    receive_raw(&mut r, i, &first, n, None),
-                    send_raw(&mut w, i, n)
-                );
-                a?;
-                b
+                echo_short(s, &first, i).await
             }));
         }
         let mut failed = Vec::new();
@@ -900,16 +906,7 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
     let mut tasks = Vec::new();
     for (i, (s, first)) in open.into_iter().enumerate() {
         let i = i as u64;
-        tasks.push(tokio::spawn(async move {
-            let (mut r, mut w) = s.into_split();
-            let n = 100 + i % 900;
-            let (a, b) = tokio::join!(
-                receive_raw(&mut r, i, &first, n, None),
-                send_raw(&mut w, i, n)
-            );
-            a?;
-            b
-        }));
+        tasks.push(tokio::spawn(async move { echo_short(s, &first, i).await }));
     }
     for (i, t) in tasks.into_iter().enumerate() {
         match tokio::time::timeout(LIMIT, t).await {

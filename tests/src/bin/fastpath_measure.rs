@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tests::fastpath::system::{cpu_jiffies, mem_available_kib, tcp_mem_kib};
 use tests::fastpath::tunnel::{open, pair, read_checked, read_end, wait_idle};
-use tests::fastpath::{raw_send, Result, Rig, Upstream, DOWN, MIB};
+use tests::fastpath::{raw_exchange, Result, Rig, Upstream, DOWN, MIB};
 use tests::pattern;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -136,23 +136,7 @@ async fn measure_relays() {
 /// back; the idle side stays open until the busy one is done. Only the count is checked.
 async fn raw_run(rig: &Rig, port: u16, up: u64, down: u64) -> Result<()> {
     let (s, early) = open(rig, port, &format!("/raw/{down}"), b"").await?;
-    let (mut r, mut w) = s.into_split();
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let send = async {
-        raw_send(&mut w, up).await?;
-        if up == 0 {
-            let _ = drained_rx.await;
-        }
-        w.shutdown().await
-    };
-    let drain = async {
-        let r = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
-        let _ = drained_tx.send(());
-        r
-    };
-    let (a, b) = tokio::join!(send, drain);
-    a?;
-    let got = b? + early.len() as u64;
+    let got = raw_exchange(s, up).await? + early.len() as u64;
     if got != down {
         return Err(format!("received {got} of {down}").into());
     }

@@ -31,7 +31,7 @@ mod upstream;
 pub use maps::{MapEntries, DIRECTION_MAP, SOCKET_MAPS};
 pub use plan::{play, End, Plan};
 pub use rig::Rig;
-pub use upstream::{raw_send, Handed, Results, Upstream, HOLD};
+pub use upstream::{raw_exchange, Handed, Results, Upstream, HOLD};
 
 /// Errors of tunnel plays: whatever failed (I/O, a wrong byte, the peer's verdict).
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

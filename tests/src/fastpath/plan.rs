@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::{DOWN, UP};
 use crate::pattern::{self, Verifier};
 
 #[derive(Clone, Copy, Debug)]
@@ -69,6 +70,37 @@ impl Plan {
         plan.upstream_stall_ms = p[5].parse().ok()?;
         plan.client_pre = p[6].parse().ok()?;
         Some(plan)
+    }
+
+    /// The client's end: it sends `up` (the first `client_pre` bytes went with the
+    /// handshake) and checks `down`.
+    pub fn client_end<'a>(&self, early: &'a [u8]) -> End<'a> {
+        End {
+            who: "client",
+            recv_seed: self.seed ^ DOWN,
+            recv_len: self.down,
+            early,
+            stall_ms: self.client_stall_ms,
+            send_seed: self.seed ^ UP,
+            send_from: self.client_pre,
+            send_to: self.up,
+            send_after_eof: self.up_after_eof,
+        }
+    }
+
+    /// The upstream's end, the mirror of [`Plan::client_end`].
+    pub fn upstream_end<'a>(&self, early: &'a [u8]) -> End<'a> {
+        End {
+            who: "upstream",
+            recv_seed: self.seed ^ UP,
+            recv_len: self.up,
+            early,
+            stall_ms: self.upstream_stall_ms,
+            send_seed: self.seed ^ DOWN,
+            send_from: self.upstream_pre,
+            send_to: self.down,
+            send_after_eof: self.down_after_eof,
+        }
     }
 }
 

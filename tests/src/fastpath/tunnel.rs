@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::plan::{play, End, Plan};
+use super::plan::{play, Plan};
 use super::{Result, Rig, Upstream, DIRECTION_MAP, DOWN, SOCKET_MAPS, UP};
 use crate::pattern::{self, Verifier};
 use crate::upstream::read_head;
@@ -63,21 +63,7 @@ pub async fn run_plan(rig: &Rig, upstream: &Upstream, plan: Plan) -> Result<()> 
     let pre = pattern::bytes(plan.seed ^ UP, plan.client_pre as usize);
     let id = format!("plan-{}", plan.seed);
     let (s, early) = open_as(rig, upstream.port, &plan.path(), &pre, Some(&id)).await?;
-    play(
-        s,
-        End {
-            who: "client",
-            recv_seed: plan.seed ^ DOWN,
-            recv_len: plan.down,
-            early: &early,
-            stall_ms: plan.client_stall_ms,
-            send_seed: plan.seed ^ UP,
-            send_from: plan.client_pre,
-            send_to: plan.up,
-            send_after_eof: plan.up_after_eof,
-        },
-    )
-    .await?;
+    play(s, plan.client_end(&early)).await?;
     // The upstream's verdict lands right after its own EOF.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::plan::{play, End, Plan};
-use super::{Result, Rig, DOWN, UP};
+use super::plan::{play, Plan};
+use super::{Result, Rig, DOWN};
 use crate::pattern;
 use crate::upstream::read_head;
 use crate::v4;
@@ -150,25 +150,7 @@ async fn serve(mut s: TcpStream, results: Results, handed: Arc<Handed>) -> Resul
         // Unverified bulk for measurements: send `n` zero bytes and drain the other way.
         let n: u64 = rest.parse()?;
         s.write_all(SWITCHING).await?;
-        let (mut r, mut w) = s.into_split();
-        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-        let send = async {
-            raw_send(&mut w, n).await?;
-            if n == 0 {
-                // An idle side stays open until the busy one is done, as a WebSocket
-                // would (a socket whose FIN arrived cannot be spliced).
-                let _ = drained_rx.await;
-            }
-            w.shutdown().await
-        };
-        let drain = async {
-            let r = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
-            let _ = drained_tx.send(());
-            r
-        };
-        let (a, b) = tokio::join!(send, drain);
-        a?;
-        b?;
+        raw_exchange(s, n).await?;
         return Ok(());
     }
     if path == "/hold" {
@@ -198,21 +180,7 @@ async fn serve(mut s: TcpStream, results: Results, handed: Arc<Handed>) -> Resul
             plan.upstream_pre as usize,
         ));
         s.write_all(&first).await.map_err(|e| e.to_string())?;
-        play(
-            s,
-            End {
-                who: "upstream",
-                recv_seed: plan.seed ^ UP,
-                recv_len: plan.up,
-                early: &early,
-                stall_ms: plan.upstream_stall_ms,
-                send_seed: plan.seed ^ DOWN,
-                send_from: plan.upstream_pre,
-                send_to: plan.down,
-                send_after_eof: plan.down_after_eof,
-            },
-        )
-        .await
+        play(s, plan.upstream_end(&early)).await
     }
     .await;
     results
@@ -223,7 +191,31 @@ async fn serve(mut s: TcpStream, results: Results, handed: Arc<Handed>) -> Resul
 }
 
 /// Writes `n` zero bytes (unverified bulk, for measurements).
-pub async fn raw_send<W: AsyncWriteExt + Unpin>(w: &mut W, n: u64) -> io::Result<()> {
+/// One end of an unverified bulk tunnel (measurements only): sends `n` zero bytes and
+/// drains the other way; returns the bytes drained. An idle side (`n == 0`) stays open
+/// until the busy one is done, as a WebSocket would (a socket whose FIN arrived cannot
+/// be spliced).
+pub async fn raw_exchange(s: TcpStream, n: u64) -> io::Result<u64> {
+    let (mut r, mut w) = s.into_split();
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let send = async {
+        raw_send(&mut w, n).await?;
+        if n == 0 {
+            let _ = drained_rx.await;
+        }
+        w.shutdown().await
+    };
+    let drain = async {
+        let r = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+        let _ = drained_tx.send(());
+        r
+    };
+    let (sent, drained) = tokio::join!(send, drain);
+    sent?;
+    drained
+}
+
+async fn raw_send<W: AsyncWriteExt + Unpin>(w: &mut W, n: u64) -> io::Result<()> {
     let buf = vec![0u8; 256 * 1024];
     let mut left = n;
     while left > 0 {
