@@ -154,6 +154,9 @@ fn main() -> Result<()> {
             cargo_args,
         } => {
             let binary = build_daemon()?;
+            // What the integration tests run besides the daemon: namespaces (`ip`), the
+            // zero-hop test apps (Python, Node and its `ws` package through npm).
+            bench::install_tools(&["ip", "python3", "node", "npm"]);
             cargo_test(&binary, &cargo_args, &[])?;
             if !no_fuzz && cargo_args.is_empty() {
                 fuzz::run(&fuzz::Options {

@@ -287,8 +287,12 @@ fn build(root: &Path) -> Result<()> {
 pub(crate) fn install_tools(tools: &[&str]) {
     for tool in tools {
         if which(tool).is_none() {
-            eprintln!("[bench] installing {tool}");
-            let pkg = if *tool == "node" { "nodejs" } else { tool };
+            eprintln!("[xtask] installing {tool}");
+            let pkg = match *tool {
+                "node" => "nodejs",
+                "ip" => "iproute2",
+                other => other,
+            };
             let _ = Command::new("apt-get")
                 .args(["install", "-y", "-q", pkg])
                 .env("DEBIAN_FRONTEND", "noninteractive")
