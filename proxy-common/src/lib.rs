@@ -21,6 +21,14 @@ pub const LEDGER_MAP: &str = "LEDGER";
 /// Name of the one-entry array holding the machine-wide [`KernelMemory`] counters, mapped
 /// into the daemon's memory like `LEDGER`.
 pub const MEMORY_MAP: &str = "MEMORY";
+/// Name of the map of sockets the daemon asks to leave `SOCKS` (cookie → 0 asked, 1
+/// done), served by the `unsplice` iterator program.
+pub const UNSPLICE_MAP: &str = "UNSPLICE";
+/// Name of the TCP iterator program that takes sockets out of `SOCKS` under their owner
+/// lock.
+pub const UNSPLICE_PROGRAM: &str = "unsplice";
+/// Most removals asked for at once.
+pub const UNSPLICE_MAX: u32 = 4096;
 /// Name of the read-only global the loader sets to `offsetof(struct tcp_sock, write_seq)`
 /// of the running kernel (read from its BTF).
 pub const WRITE_SEQ_OFFSET_GLOBAL: &str = "TCP_SOCK_WRITE_SEQ_OFFSET";

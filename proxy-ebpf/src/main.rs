@@ -35,8 +35,8 @@ use core::sync::atomic::AtomicU64;
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_sk_release,
-        bpf_skc_to_tcp_sock,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem, bpf_map_lookup_elem,
+        bpf_sk_release, bpf_skc_to_tcp_sock,
     },
     macros::{map, stream_parser, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash},
@@ -46,7 +46,7 @@ use aya_log_ebpf::info;
 use proxy_common::{
     Direction, KernelMemory, Ledger, OverBudgetEvent, BPF_F_MMAPABLE, FLAG_BASE_SET,
     FLAG_OVER_BUDGET, FLAG_PEER_GONE, FLAG_SEQ_SET, HANDOFF_DIRECTION_BUDGET, HANDOFF_MEMORY_LIMIT,
-    MAX_SOCKETS,
+    MAX_SOCKETS, UNSPLICE_MAX,
 };
 
 // The loader may resize every map below (`--ebpf-max-sockets`, event ring size).
@@ -73,6 +73,12 @@ static LEDGER: Array<Ledger> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPAB
 /// Entry 0: the machine-wide counters (see [`KernelMemory`]).
 #[map]
 static MEMORY: Array<KernelMemory> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Sockets the daemon asks to leave `SOCKS` (cookie → 0), and those the `unsplice`
+/// iterator took out (→ 1). Key 0 (no socket has cookie 0) counts the requests not served
+/// yet: the walk stops when it reaches 0.
+#[map]
+static UNSPLICE: HashMap<u64, u32> = HashMap::with_max_entries(UNSPLICE_MAX, 0);
 
 /// `offsetof(struct tcp_sock, write_seq)` on the running kernel; set by the loader from
 /// the kernel's BTF (read-only data, so the verifier sees a constant offset).
@@ -312,4 +318,51 @@ fn peer_write_seq(peer: &u64) -> Option<u32> {
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+/// `struct bpf_iter__tcp`: the context of a TCP iterator program.
+#[repr(C)]
+pub struct IterTcp {
+    meta: *mut c_void,
+    sk_common: *mut c_void,
+    uid: u32,
+}
+
+/// Takes the sockets listed in `UNSPLICE` out of `SOCKS`. A TCP iterator runs this
+/// program for each TCP socket of the daemon's network namespace while it holds that
+/// socket's owner lock (`lock_sock`), so no stream-parser pass is running on it and none
+/// can start before the parser and verdict are detached. A removal from user space has no
+/// such guard: a parser pass running from the `kstrp` workqueue meanwhile hands its next
+/// messages to a verdict that is gone, and the kernel drops them (docs/fastpath.md,
+/// finding 6).
+#[no_mangle]
+#[link_section = "iter/tcp"]
+pub fn unsplice(ctx: *mut IterTcp) -> i32 {
+    // SAFETY: the kernel passes a valid context; `sk_common` may be null (end of the walk).
+    let sk = unsafe { (*ctx).sk_common };
+    if sk.is_null() {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let (Some(state), Some(left)) = (UNSPLICE.get_ptr_mut(&cookie), UNSPLICE.get_ptr_mut(&0))
+    else {
+        return 0;
+    };
+    // SAFETY: valid map values for the duration of the program; one walk runs at a time
+    // (the daemon's hand-off thread), so plain reads and writes.
+    unsafe {
+        if cookie == 0 || *state != 0 {
+            return 0;
+        }
+        // Not in SOCKS (any more) is as good: nothing splices it.
+        bpf_map_delete_elem(
+            &SOCKS as *const _ as *mut c_void,
+            &cookie as *const u64 as *const c_void,
+        );
+        *state = 1;
+        *left = (*left).saturating_sub(1);
+        // Non-zero stops the walk: every request is served (the buckets after this one
+        // are not visited; the read returns EAGAIN).
+        (*left == 0) as i32
+    }
 }

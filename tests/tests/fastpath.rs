@@ -112,6 +112,66 @@ async fn bulk_both_ways(rig: &Rig, seed: u64) {
     wait_idle(rig, fds).await;
 }
 
+/// Hand-offs while the stream parser runs from the `kstrp` workqueue (docs/fastpath.md,
+/// finding 6): both directions of every tunnel are bulk, so the psock worker that sends
+/// one direction out of a socket holds its owner lock while the other direction's bytes
+/// arrive on it, and their parser passes go to the workqueue; both readers stall at the
+/// start and the budget is small, so every direction is handed over mid-stream. A removal
+/// from `SOCKS` that races such a pass drops its next messages (the tunnel is reset, or a
+/// check finds the gap); taken out under the socket's lock, every byte arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoffs_during_workqueue_parser_passes_lose_nothing() {
+    if mode() != "ebpf" {
+        return;
+    }
+    let _heavy = MEMORY_HEAVY.lock().await;
+    let rig = Rig::start_args(&[
+        "--splice",
+        "ebpf",
+        "--ebpf-budget",
+        "65536",
+        "--ebpf-memory-limit",
+        "524288",
+    ])
+    .await;
+    let upstream = Upstream::start(&rig);
+    let fds = rig.fd_count();
+    let (rounds, tunnels) = if torture() { (40, 24u64) } else { (6, 24u64) };
+    for round in 0..rounds {
+        let tasks = (0..tunnels).map(|t| {
+            let mut plan = Plan::new(70_000 + round * 100 + t, 4 * MIB + t, 4 * MIB + round);
+            // Sent with the 101, before the daemon splices: the parser's first pass (the
+            // poke, from the workqueue) reads all of it and crosses the budget mid-pass.
+            plan.upstream_pre = MIB + t * 4096;
+            plan.client_pre = MIB / 2 + t;
+            plan.client_stall_ms = 5 + t % 7;
+            plan.upstream_stall_ms = 5 + (t + 3) % 7;
+            let (rig, upstream) = (&rig, &upstream);
+            async move {
+                tokio::time::timeout(Duration::from_secs(60), run_plan(rig, upstream, plan))
+                    .await
+                    .map_err(|_| format!("round {round} tunnel {t}: stalled"))?
+                    .map_err(|e| format!("round {round} tunnel {t}: {e}"))
+            }
+        });
+        for r in futures_util::future::join_all(tasks).await {
+            r.unwrap();
+        }
+    }
+    wait_idle(&rig, fds).await;
+    let handed = rig
+        .log_lines("tunnel closed")
+        .iter()
+        .filter(|l| {
+            l.contains("_handoff\":\"budget\"") || l.contains("_handoff\":\"memory_limit\"")
+        })
+        .count();
+    assert!(
+        handed >= (rounds * tunnels) as usize / 2,
+        "only {handed} tunnels had a direction handed over"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_byte_ping_pong() {
     let rig = Rig::start(&mode()).await;

@@ -191,6 +191,12 @@ impl crate::metrics::Source for Tunnels {
         )?;
         counter(
             encoder,
+            "fastpath_unsplices_from_user_space",
+            "Hand-offs whose socket left the kernel's map by a removal from user space, which can race a stream-parser pass (must stay 0 while the unsplice iterator loads)",
+            load(&st.unsplices_from_user_space),
+        )?;
+        counter(
+            encoder,
             "fastpath_dropped_bytes",
             "Tunnel bytes the kernel lost (must stay 0; such a tunnel is reset)",
             load(&st.kernel_dropped),

@@ -98,6 +98,14 @@ impl Rig {
             let warned = self.log_lines("the kernel lost or misparsed");
             assert!(warned.is_empty(), "{warned:?}");
         }
+        // Every hand-off took its socket out of the kernel's map under the socket's lock
+        // (the unsplice iterator), never by the racy removal from user space.
+        let racy = self.log_lines("removed a live socket from SOCKS from user space");
+        assert!(racy.is_empty(), "{racy:?}");
+        if self.fast_path {
+            let unguarded = self.log_lines("no unsplice iterator");
+            assert!(unguarded.is_empty(), "{unguarded:?}");
+        }
     }
 
     /// Records what a tunnel moved, for the closing-line check when the rig is dropped.

@@ -10,13 +10,14 @@ use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     Direction, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP, LEDGER_MAP,
-    MEMORY_LIMIT_GLOBAL, MEMORY_MAP, SOCKS_MAP, TARGETS_MAP, WRITE_SEQ_OFFSET_GLOBAL, ZH_APPS_MAP,
-    ZH_CLIENT_SOCKS_MAP, ZH_PEERS_MAP, ZH_STATS_MAP, ZH_TUNNELS_MAP,
+    MEMORY_LIMIT_GLOBAL, MEMORY_MAP, SOCKS_MAP, TARGETS_MAP, UNSPLICE_MAP, WRITE_SEQ_OFFSET_GLOBAL,
+    ZH_APPS_MAP, ZH_CLIENT_SOCKS_MAP, ZH_PEERS_MAP, ZH_STATS_MAP, ZH_TUNNELS_MAP,
 };
 use tokio::sync::watch;
 
 use super::btf;
 use super::shared::{Accounting, MappedArray};
+use super::unsplice::{Unsplicer, UNSPLICE_LINK};
 use super::watch::{self as watcher, LiveDirections};
 
 /// The eBPF object (`proxy-ebpf`), embedded at build time; empty when it was not built.
@@ -83,6 +84,9 @@ pub struct Stats {
     pub kernel_misparsed: AtomicU64,
     /// Directions whose kernel state was missing when the daemon looked (reset).
     pub directions_lost: AtomicU64,
+    /// Hand-offs whose socket left `SOCKS` by a removal from user space (no unsplice
+    /// iterator, or it did not find the socket), which can race a parser pass.
+    pub unsplices_from_user_space: AtomicU64,
 }
 
 /// The loaded programs and their maps. The maps are not pinned: they (and every socket
@@ -143,6 +147,10 @@ impl Splicer {
         used_slots: &[u32],
     ) -> anyhow::Result<Splicer> {
         let mut by_name: std::collections::HashMap<String, aya::maps::Map> = Default::default();
+        let (unsplice, maps): (Vec<_>, Vec<_>) = maps
+            .into_iter()
+            .partition(|(name, _)| name == UNSPLICE_MAP || name == UNSPLICE_LINK);
+        let unsplicer = adopt_unsplicer(unsplice);
         for (name, fd) in maps {
             let data = MapData::from_fd(fd).with_context(|| format!("map {name}"))?;
             let map = aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))?;
@@ -169,6 +177,7 @@ impl Splicer {
         ));
         Self::start(
             socks, targets, directions, events, ledger, memory, accounting, settings, None,
+            unsplicer,
         )
     }
 
@@ -184,6 +193,7 @@ impl Splicer {
         accounting: Arc<Accounting>,
         settings: Settings,
         ebpf: Option<Ebpf>,
+        unsplicer: Option<Unsplicer>,
     ) -> anyhow::Result<Splicer> {
         // SAFETY: the ring's fd is open for as long as `events` lives; dup'd here.
         let events_fd = unsafe { BorrowedFd::borrow_raw(events.as_raw_fd()) }
@@ -197,6 +207,9 @@ impl Splicer {
             accounting: accounting.clone(),
             stats: stats.clone(),
             socks: socks.clone(),
+            unsplicer: unsplicer
+                .filter(|_| !watcher::racy_unsplice_fault())
+                .map(Arc::new),
         });
         let (thread, failed) = watcher::spawn(events, watched.clone())?;
         Ok(Splicer {
@@ -235,7 +248,7 @@ impl Splicer {
             std::mem::forget(ebpf);
         }
         let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
-        let maps = vec![
+        let mut maps = vec![
             (
                 SOCKS_MAP.to_owned(),
                 dup(self.socks.lock().unwrap().fd().as_fd())?,
@@ -252,6 +265,9 @@ impl Splicer {
             (LEDGER_MAP.to_owned(), dup(self.ledger_map.fd().as_fd())?),
             (MEMORY_MAP.to_owned(), dup(self.memory_map.fd().as_fd())?),
         ];
+        if let Some(u) = &self.watched.unsplicer {
+            maps.extend(u.hand_over()?);
+        }
         Ok(HandedOver {
             maps,
             used_slots,
@@ -273,7 +289,7 @@ impl Splicer {
     ) -> Arc<tokio::sync::Notify> {
         let handoff = self.live.watch(cookie, slot, from, to, to_base);
         let reason = self.accounting.handoff(slot);
-        if reason != 0 && self.watched.hand_off(cookie, reason) {
+        if reason != 0 && !self.watched.hand_off(&[(cookie, reason)]).is_empty() {
             self.stats.handoffs_found_by_scan.fetch_add(1, Relaxed);
         }
         handoff
@@ -343,6 +359,13 @@ impl Splicer {
                 .with_context(|| format!("mapping {LEDGER_MAP}"))?,
             MappedArray::new(memory.fd(), 1).with_context(|| format!("mapping {MEMORY_MAP}"))?,
         ));
+        let unsplicer = match Unsplicer::load(&mut ebpf) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "fast path: no unsplice iterator; hand-offs remove sockets from user space, which can race a stream-parser pass (docs/fastpath.md, finding 6)");
+                None
+            }
+        };
         for name in ["parser", "verdict"] {
             let prog: &mut SkSkb = ebpf
                 .program_mut(name)
@@ -363,6 +386,7 @@ impl Splicer {
             accounting,
             settings,
             Some(ebpf),
+            unsplicer,
         )
     }
 
@@ -462,6 +486,22 @@ impl Splicer {
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
     ebpf.take_map(name)
         .with_context(|| format!("map {name} missing"))
+}
+
+/// The unsplice iterator handed over with the maps, if the daemon taken over had one.
+fn adopt_unsplicer(fds: Vec<(String, OwnedFd)>) -> Option<Unsplicer> {
+    let mut by_name: std::collections::HashMap<String, OwnedFd> = fds.into_iter().collect();
+    let (map, link) = (
+        by_name.remove(UNSPLICE_MAP)?,
+        by_name.remove(UNSPLICE_LINK)?,
+    );
+    match Unsplicer::adopt(map, link) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            tracing::warn!(error = format!("{e:#}"), "--takeover: the unsplice iterator could not be adopted; hand-offs remove sockets from user space");
+            None
+        }
+    }
 }
 
 /// The map behind an `Array` (the mapped arrays hold atomics, which aya's typed

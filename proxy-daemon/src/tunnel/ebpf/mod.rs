@@ -9,6 +9,7 @@ pub(crate) mod btf;
 mod loader;
 mod shared;
 pub(crate) mod sys;
+mod unsplice;
 mod watch;
 
 use std::future::Future;

@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify};
 use super::loader::Stats;
 use super::shared::Accounting;
 use super::sys;
+use super::unsplice::Unsplicer;
+
+const TCP_CLOSE: u8 = 7;
 
 /// How often quiet directions are settled and the ledger is checked for lost events.
 const SETTLE_EVERY: Duration = Duration::from_millis(500);
@@ -27,6 +30,13 @@ const SETTLE_EVERY: Duration = Duration::from_millis(500);
 /// Test-only fault (env `PROJECT_INGRESS_PROXY_TEST_FAULT=event-reader-panic`): the thread
 /// panics at the first event, to prove the daemon does not run on without it.
 const FAULT_ENV: &str = "PROJECT_INGRESS_PROXY_TEST_FAULT";
+
+/// Test-only fault (`...=unsplice-from-user-space`): hand-offs remove their socket from
+/// `SOCKS` from user space with no wait at all, to show what the unsplice iterator
+/// prevents (a removal racing a parser pass loses messages).
+pub fn racy_unsplice_fault() -> bool {
+    std::env::var(FAULT_ENV).is_ok_and(|f| f == "unsplice-from-user-space")
+}
 
 /// A direction the kernel splices now.
 struct Watched {
@@ -87,24 +97,45 @@ impl LiveDirections {
         self.dirs.lock().unwrap().len()
     }
 
-    /// Takes a direction out of the kernel, once: waits for any stream-parser pass
-    /// running from the workqueue (it holds the socket's owner lock, which the map
-    /// removal does not exclude; TCP_INFO waits for it), then removes the socket from
-    /// `SOCKS` and wakes the tunnel. False if it was already handed over, or is gone.
-    fn hand_off(&self, cookie: u64, socks: &Mutex<SockHash<MapData, u64>>) -> bool {
-        // Under the lock: the fds cannot close meanwhile.
+    /// Claims the hand-off of each direction in `cookies` that is watched and was not
+    /// handed over yet (once each); returns them with their notifiers.
+    fn claim(&self, cookies: &[u64]) -> Vec<(u64, Arc<Notify>)> {
         let mut dirs = self.dirs.lock().unwrap();
-        let Some(w) = dirs.get_mut(&cookie) else {
-            return false;
-        };
-        if w.notified {
-            return false;
+        cookies
+            .iter()
+            .filter_map(|&cookie| {
+                let w = dirs.get_mut(&cookie).filter(|w| !w.notified)?;
+                w.notified = true;
+                Some((cookie, w.handoff.clone()))
+            })
+            .collect()
+    }
+
+    /// Removes a source from `SOCKS` from user space (no unsplice iterator, or it did not
+    /// find the socket): first waits for a stream-parser pass that holds the owner lock
+    /// (`TCP_INFO` takes it), which narrows the race of finding 6 but cannot close it.
+    /// `iterator_missed`: the unsplice iterator did not serve it: it failed, or did not
+    /// find the socket, which only a socket that is closing explains (it left the
+    /// kernel's TCP tables).
+    fn remove_from_user_space(
+        &self,
+        cookie: u64,
+        socks: &Mutex<SockHash<MapData, u64>>,
+        iterator_missed: bool,
+    ) {
+        // Under the lock: the fd cannot close meanwhile.
+        let dirs = self.dirs.lock().unwrap();
+        if let Some(w) = dirs.get(&cookie).filter(|_| !racy_unsplice_fault()) {
+            let _ = sys::stream_position(&w.from);
+            let closing = sys::tcp_state(&w.from).map_or(true, |s| s == TCP_CLOSE);
+            if iterator_missed && !closing {
+                tracing::warn!(
+                    cookie,
+                    "fast path: a hand-off removed a live socket from SOCKS from user space (the unsplice iterator could not), which can race a parser pass"
+                );
+            }
         }
-        w.notified = true;
-        let _ = sys::stream_position(&w.from);
         let _ = socks.lock().unwrap().remove(&cookie);
-        w.handoff.notify_one();
-        true
     }
 
     /// Wakes every direction whose ledger asks for a hand-off that no event announced.
@@ -150,21 +181,46 @@ pub struct Shared {
     /// `SOCKS`: a direction handed over leaves it here at once (the verdict keeps
     /// redirecting until then), before its tunnel's task even wakes.
     pub socks: Arc<Mutex<SockHash<MapData, u64>>>,
+    /// Removes sockets from `SOCKS` under their owner lock (`None`: the kernel refused
+    /// the iterator; removals from user space then).
+    pub unsplicer: Option<Arc<Unsplicer>>,
 }
 
 impl Shared {
-    /// Takes a direction out of the kernel and counts why; false if it already was.
-    pub(super) fn hand_off(&self, cookie: u64, reason: u32) -> bool {
-        if !self.live.hand_off(cookie, &self.socks) {
-            return false;
+    /// Takes directions out of the kernel (each once) and counts why; returns the cookies
+    /// of those it handed over now.
+    pub(super) fn hand_off(&self, requests: &[(u64, u32)]) -> Vec<u64> {
+        let cookies: Vec<u64> = requests.iter().map(|&(c, _)| c).collect();
+        let claimed = self.live.claim(&cookies);
+        if claimed.is_empty() {
+            return Vec::new();
         }
-        let counter = if reason == HANDOFF_DIRECTION_BUDGET {
-            &self.stats.handoffs_direction_budget
-        } else {
-            &self.stats.handoffs_memory_limit
+        let claimed_cookies: Vec<u64> = claimed.iter().map(|&(c, _)| c).collect();
+        let by_user_space = match &self.unsplicer {
+            Some(u) => u.unsplice(&claimed_cookies),
+            None => claimed_cookies.clone(),
         };
-        counter.fetch_add(1, Relaxed);
-        true
+        for &cookie in &by_user_space {
+            self.live
+                .remove_from_user_space(cookie, &self.socks, self.unsplicer.is_some());
+        }
+        self.stats
+            .unsplices_from_user_space
+            .fetch_add(by_user_space.len() as u64, Relaxed);
+        for (cookie, handoff) in &claimed {
+            handoff.notify_one();
+            let reason = requests
+                .iter()
+                .find(|(c, _)| c == cookie)
+                .map_or(0, |&(_, r)| r);
+            let counter = if reason == HANDOFF_DIRECTION_BUDGET {
+                &self.stats.handoffs_direction_budget
+            } else {
+                &self.stats.handoffs_memory_limit
+            };
+            counter.fetch_add(1, Relaxed);
+        }
+        claimed_cookies
     }
 }
 
@@ -283,14 +339,21 @@ fn run(
         if pfd[1].revents != 0 {
             return None;
         }
+        // Every event waiting, then one removal for all of them (one iterator walk).
+        let mut batch = Vec::new();
         while let Some(item) = events.next() {
             assert!(!fault, "test fault: event reader panics");
-            let Some(event) = parse(&item) else {
-                tracing::warn!(len = item.len(), "fast path: malformed event ignored");
-                continue;
-            };
-            if shared.hand_off(event.cookie, event.reason) {
-                let waited = monotonic_ns().saturating_sub(event.at_ns);
+            match parse(&item) {
+                Some(event) => batch.push(event),
+                None => tracing::warn!(len = item.len(), "fast path: malformed event ignored"),
+            }
+        }
+        if !batch.is_empty() {
+            let requests: Vec<(u64, u32)> = batch.iter().map(|e| (e.cookie, e.reason)).collect();
+            let handed = shared.hand_off(&requests);
+            let now = monotonic_ns();
+            for event in batch.iter().filter(|e| handed.contains(&e.cookie)) {
+                let waited = now.saturating_sub(event.at_ns);
                 shared
                     .stats
                     .handoff_latency_max_ns
@@ -359,12 +422,12 @@ fn raise_priority() {
 
 /// Hands over every watched direction whose ledger asks for it; returns how many.
 fn scan_ledger(shared: &Shared) -> usize {
-    let found = shared
-        .live
-        .over_budget_in_ledger(&shared.accounting)
-        .into_iter()
-        .filter(|&(cookie, reason)| shared.hand_off(cookie, reason))
-        .count();
+    let requests = shared.live.over_budget_in_ledger(&shared.accounting);
+    let found = if requests.is_empty() {
+        0
+    } else {
+        shared.hand_off(&requests).len()
+    };
     shared
         .stats
         .handoffs_found_by_scan

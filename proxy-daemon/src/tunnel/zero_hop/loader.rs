@@ -17,7 +17,7 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
     ZeroHopStats, ZeroHopTunnel, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP,
     FILE_FLAGS_OFFSET_GLOBAL, LEDGER_MAP, SK_SOCKET_OFFSET_GLOBAL, SNDBUF_OFFSET_GLOBAL,
-    SOCKET_FILE_OFFSET_GLOBAL, SOCKS_MAP, STATE_OFFSET_GLOBAL, TARGETS_MAP,
+    SOCKET_FILE_OFFSET_GLOBAL, SOCKS_MAP, STATE_OFFSET_GLOBAL, TARGETS_MAP, UNSPLICE_MAP,
     WMEM_QUEUED_OFFSET_GLOBAL, WRITE_SEQ_OFFSET_GLOBAL, ZH_APPS_MAP, ZH_CLIENT_SOCKS_MAP,
     ZH_LISTEN_PORT_GLOBAL, ZH_NETNS_COOKIE_GLOBAL, ZH_PEERS_MAP, ZH_STATS_MAP, ZH_TUNNELS_MAP,
 };
@@ -78,6 +78,7 @@ impl Maps {
             .map_max_entries(TARGETS_MAP, 1)
             .map_max_entries(DIRECTIONS_MAP, 1)
             .map_max_entries(LEDGER_MAP, 1)
+            .map_max_entries(UNSPLICE_MAP, 1)
             .map_max_entries(EVENTS_MAP, 4096)
             .load(OBJECT)
             .context("loading the eBPF object (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)")?;
