@@ -82,11 +82,11 @@ pub struct Args {
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
 
-    /// Fast path: most bytes one tunnel direction may have queued inside the kernel (memory no socket is charged for). A direction that goes over it (a slow reader, a bulk burst) is relayed with splice(2) for the rest of the tunnel, where TCP's own flow control bounds it.
+    /// Fast path: most bytes one tunnel direction may have queued inside the kernel (memory no socket is charged for). A direction that reaches half of it (a slow reader, a bulk burst) is taken out of the kernel, the other half being room for what arrives meanwhile, and relayed with splice(2) for the rest of the tunnel, where TCP's own flow control bounds it.
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_BUDGET", default_value_t = crate::tunnel::ebpf::DEFAULT_BUDGET, value_parser = clap::value_parser!(u32).range(64 * 1024..))]
     pub ebpf_budget: u32,
 
-    /// Fast path: most bytes queued inside the kernel over every tunnel direction at once (memory no socket or cgroup is charged for; 0 = no machine-wide limit). Past it, the direction that adds more is relayed with splice(2) for the rest of its tunnel, as over --ebpf-budget.
+    /// Fast path: most bytes queued inside the kernel over every tunnel direction at once (memory no socket or cgroup is charged for; 0 = no machine-wide limit). Past it, the direction that adds more is relayed in userspace for the rest of its tunnel (the copy relay, which holds no pipe).
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_MEMORY_LIMIT", default_value_t = crate::tunnel::ebpf::DEFAULT_MEMORY_LIMIT)]
     pub ebpf_memory_limit: u64,
 
