@@ -238,9 +238,16 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() || std::env::var_os("SHOW_DAEMON_LOGS").is_some() {
+            let logs = self.logs();
+            // Warnings and errors first: a CI report that keeps only the start of a long
+            // output still shows why a tunnel ended badly.
+            let notable: String = logs
+                .lines()
+                .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+                .map(|l| format!("{l}\n"))
+                .collect();
             eprintln!(
-                "---- daemon log ----\n{}---- end of daemon log ----",
-                self.logs()
+                "---- daemon warnings and errors ----\n{notable}---- daemon log ----\n{logs}---- end of daemon log ----"
             );
         }
         let _ = self.child.kill();
