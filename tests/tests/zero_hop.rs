@@ -58,8 +58,13 @@ impl Rig {
 
     /// A zero-hop daemon with `extra` arguments.
     async fn start_with(extra: &[&str]) -> Rig {
+        Self::start_env(extra, &[]).await
+    }
+
+    /// A zero-hop daemon with `extra` arguments and environment.
+    async fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Rig {
         let topo = Topology::new().expect("namespaces");
-        let daemon = zero_hop_daemon(&topo, extra)
+        let daemon = zero_hop_daemon(&topo, extra, env)
             .await
             .expect("starting the daemon");
         let start = daemon
@@ -184,19 +189,13 @@ impl Rig {
 
 /// A daemon with `--zero-hop on` and `extra` arguments, started with nsenter (the cgroup
 /// hierarchy visible).
-async fn zero_hop_daemon(topo: &Topology, extra: &[&str]) -> Result<Daemon> {
+async fn zero_hop_daemon(topo: &Topology, extra: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
     let mut args = vec!["--zero-hop", "on"];
     args.extend_from_slice(extra);
-    Daemon::start_with(
-        topo,
-        &args,
-        &[(
-            "RUST_LOG",
-            &std::env::var("ZERO_HOP_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-        )],
-        Launch::Nsenter,
-    )
-    .await
+    let level = std::env::var("ZERO_HOP_DAEMON_LOG").unwrap_or_else(|_| "info".into());
+    let mut env = env.to_vec();
+    env.push(("RUST_LOG", &level));
+    Daemon::start_with(topo, &args, &env, Launch::Nsenter).await
 }
 
 // ---------------------------------------------------------------- clients
@@ -695,6 +694,48 @@ async fn bursts_of_small_messages() {
     each_app(|_| Scenario::Bursts(2_000)).await;
 }
 
+/// The normal hop when no pipe can be had (out of descriptors; a test fault refuses every
+/// pipe): the app's bytes that take it while the client is stalled are copied instead;
+/// every byte arrives and the tunnel closes cleanly (it used to be reset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn normal_hop_without_a_pipe_copies_instead() {
+    let rig = Rig::start_env(&[], &[("PROJECT_INGRESS_PROXY_TEST_FAULT", "no-pipes")]).await;
+    let kind = AppKind::Tokio;
+    let app = App::start(kind, &rig.topo.machine, std::path::Path::new(RUST_APP)).unwrap();
+    let closed = rig.log_lines("tunnel closed").len();
+    let report = StallReport::default();
+    let r = tokio::time::timeout(
+        LIMIT,
+        run(
+            &rig,
+            &app,
+            Via::Daemon,
+            Scenario::Stalled(64 * MIB),
+            11,
+            &report,
+        ),
+    )
+    .await;
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("{e:#}; log tail:\n{}", rig.daemon.log_tail(12)),
+        Err(_) => panic!("stalled; log tail:\n{}", rig.daemon.log_tail(12)),
+    }
+    let done = app.wait_done(1, Duration::from_secs(20)).await.unwrap();
+    assert!(done.iter().all(|l| l.contains(" ok")), "{done:?}");
+    rig.assert_zero_hop(closed, 1, kind).await;
+    let line = &rig.log_lines("tunnel closed")[closed];
+    assert_eq!(line["end"], "closed", "{line}");
+    assert!(
+        line["upstream_to_client_path"]
+            .as_str()
+            .is_some_and(|p| p.contains("copy")),
+        "the normal hop did not copy: {line}"
+    );
+    assert!(!rig.daemon.log_lines("cannot get a pipe").is_empty());
+    rig.wait_idle().await;
+}
+
 /// The client stops reading for 3 s while the app writes as fast as it can: the app must
 /// not spin (its CPU while stalled no higher than with a direct connection), nothing
 /// stalls afterwards, and the memory held is socket memory the kernel charges and bounds.
@@ -1133,7 +1174,9 @@ async fn takeover_with(relay: &[&str]) {
 
     let mut takeover_args = args.clone();
     takeover_args.push("--takeover");
-    let next = zero_hop_daemon(&rig.topo, &takeover_args).await.unwrap();
+    let next = zero_hop_daemon(&rig.topo, &takeover_args, &[])
+        .await
+        .unwrap();
     next.log_containing("takeover complete").await.unwrap();
     let mut old = std::mem::replace(&mut rig.daemon, next);
     let status = old.wait_exit(Duration::from_secs(15)).await.unwrap();

@@ -54,6 +54,10 @@ impl Pipe {
     /// A pipe counted against the descriptor budget (`force`: see
     /// [`Capacity::for_pipe`](crate::limits::Capacity::for_pipe)).
     pub(super) fn new(force: bool) -> io::Result<Pipe> {
+        // Test-only fault: every pipe is refused, as when the process is out of fds.
+        if std::env::var("PROJECT_INGRESS_PROXY_TEST_FAULT").is_ok_and(|f| f == "no-pipes") {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let counted = crate::limits::Capacity::for_pipe(force)?;
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 fills both fds on success; we own them from here.

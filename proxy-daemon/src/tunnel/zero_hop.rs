@@ -52,7 +52,7 @@ use proxy_common::{
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::counters::DirectionCounters;
+use super::counters::{DataPath, DirectionCounters};
 use super::ebpf::sys;
 use super::handover::PathState;
 use super::progress::WayProgress;
@@ -71,6 +71,8 @@ pub const AUTO_REASON: &str = "auto: off, zero-hop did not beat direct as requir
 
 /// Bytes asked of one splice from the upstream socket.
 const CHUNK: usize = 1 << 20;
+/// The buffer of a burst copied for want of a pipe.
+const COPY_BUFFER: usize = 64 * 1024;
 
 /// The loaded zero-hop programs (one per daemon).
 pub struct ZeroHop {
@@ -401,6 +403,31 @@ pub async fn app_to_client(
     }
 }
 
+/// The normal hop without a pipe: copies from U into D until U has nothing more for
+/// now; true at U's EOF. Bytes read are held in `progress` until written (a takeover
+/// hands them over).
+async fn copy_burst(
+    upstream: &TcpStream,
+    client: &TcpStream,
+    moved: &DirectionCounters,
+    progress: &WayProgress,
+) -> io::Result<bool> {
+    moved.use_path(DataPath::Copy);
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        match upstream.try_read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => {
+                progress.hold(buf, n);
+                buf = progress.write_held(client, moved).await?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Splices from U into D until U has nothing more for now; true at U's EOF.
 async fn splice_burst(
     upstream: &TcpStream,
@@ -426,7 +453,15 @@ async fn splice_burst(
     }
     loop {
         // Created on the first passed byte: a tunnel that stays zero-hop holds no pipe.
-        let (pipe_read, pipe_write) = progress.pipe_forced()?;
+        let (pipe_read, pipe_write) = match progress.pipe_forced() {
+            Ok(fds) => fds,
+            // Out of descriptors or pipe memory: this burst moves through a buffer (the
+            // pipe did not exist, so no byte is in one; order holds).
+            Err(e) => {
+                tracing::warn!(error = %e, "zero-hop: the normal hop cannot get a pipe, copying instead");
+                return copy_burst(upstream, client, moved, progress).await;
+            }
+        };
         match upstream.try_io(Interest::READABLE, || {
             splice(upstream.as_raw_fd(), pipe_write, CHUNK)
         }) {
