@@ -907,6 +907,14 @@ async fn ten_takeovers(mode: &[&str]) -> Result<()> {
         retired.push(std::mem::replace(&mut old, next));
     }
     let last = old;
+    // Each successor took over the unsplice iterator with the maps: its hand-offs stay
+    // lossless (docs/fastpath.md, finding 6).
+    for d in retired.iter().chain([&last]) {
+        for warning in ["no unsplice iterator", "removed a live socket from SOCKS"] {
+            let found = lines(d, warning);
+            ensure!(found.is_empty(), "{found:?}");
+        }
+    }
 
     if fast_path {
         // Still in the kernel after ten takeovers: no takeover moved a paced direction

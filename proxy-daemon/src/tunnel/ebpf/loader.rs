@@ -491,10 +491,11 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
 /// The unsplice iterator handed over with the maps, if the daemon taken over had one.
 fn adopt_unsplicer(fds: Vec<(String, OwnedFd)>) -> Option<Unsplicer> {
     let mut by_name: std::collections::HashMap<String, OwnedFd> = fds.into_iter().collect();
-    let (map, link) = (
-        by_name.remove(UNSPLICE_MAP)?,
-        by_name.remove(UNSPLICE_LINK)?,
-    );
+    let (Some(map), Some(link)) = (by_name.remove(UNSPLICE_MAP), by_name.remove(UNSPLICE_LINK))
+    else {
+        tracing::warn!("--takeover: the daemon taken over had no unsplice iterator (an older version, or its kernel refused it); hand-offs remove sockets from user space, which can race a stream-parser pass (docs/fastpath.md, finding 6), until the next restart");
+        return None;
+    };
     match Unsplicer::adopt(map, link) {
         Ok(u) => Some(u),
         Err(e) => {
