@@ -479,6 +479,33 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() -> Result<()> 
     Ok(())
 }
 
+/// A connection accepted just before SIGTERM, whose first request arrives just after it,
+/// is answered (and closed after the answer), not closed unanswered: its client could
+/// not tell that from a failure. (A connection idle after a request is closed at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_a_first_request_on_its_way() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (mut s, _app) = setup_with_app(&["--shutdown-grace", "10s"]).await?;
+    let mut fresh = s.topo.client.connect(s.addr()).await?;
+    // Accepted by now; then the daemon stops accepting before the request comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.daemon.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fresh
+        .write_all(
+            b"GET /hello HTTP/1.1\r\nHost: x\r\nX-Iterate-Proxy-Target-Host: localhost:4096\r\n\r\n",
+        )
+        .await?;
+    let answer = client::read_until_close(&mut fresh, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(s.daemon.wait_exit(Duration::from_secs(5)).await?, Some(0));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_request_body_is_echoed_while_it_is_sent() -> Result<()> {
     let (s, _app) = setup_with_app(&[]).await?;

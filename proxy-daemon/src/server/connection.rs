@@ -25,6 +25,9 @@ use crate::tunnel::Tunnel;
 const MAX_UNAUTHORIZED_PER_CONNECTION: u32 = 3;
 /// How long a connection accepted while over capacity has to send its head.
 const OVERLOAD_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection accepted before the daemon stopped accepting may still take to
+/// send its first request (see [`read_head`]).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 struct Conn {
     stream: TcpStream,
@@ -119,9 +122,17 @@ pub async fn serve(stream: TcpStream, fds: Fds, shared: &'static Shared) {
 
 async fn requests(conn: &mut Conn, shared: &'static Shared) -> Ended {
     let mut unauthorized = 0;
+    let mut first = true;
     loop {
-        let head = match read_head(conn, shared.max_head, shared.header_read_timeout, shared).await
-        {
+        let read = read_head(
+            conn,
+            shared.max_head,
+            shared.header_read_timeout,
+            shared,
+            first,
+        );
+        first = false;
+        let head = match read.await {
             Read::Head(head) => head,
             Read::Closed => return Ended::Close,
             Read::Refused(refusal) => {
@@ -316,7 +327,20 @@ enum Read {
 
 /// Reads until a complete head is in the buffer. `timeout` runs from the first wait: the
 /// keep-alive idle time and the slow-head guard in one.
-async fn read_head(conn: &mut Conn, max_head: usize, timeout: Duration, shared: &Shared) -> Read {
+///
+/// When the daemon stops accepting (shutdown, takeover), a connection idle between
+/// requests is closed at once: its client retries on a new connection, which the
+/// successor (or nobody, at shutdown) accepts. A connection whose `first` request has not
+/// arrived yet gets [`FIRST_REQUEST_GRACE`] more: it was accepted just before, and its
+/// request is usually on its way; closed unanswered, the client would see a new
+/// connection fail (a takeover test did, once in many runs).
+async fn read_head(
+    conn: &mut Conn,
+    max_head: usize,
+    timeout: Duration,
+    shared: &Shared,
+    first: bool,
+) -> Read {
     let mut deadline = None;
     loop {
         if !conn.buf.is_empty() {
@@ -360,7 +384,11 @@ async fn read_head(conn: &mut Conn, max_head: usize, timeout: Duration, shared: 
                 return Read::Closed;
             },
             _ = tokio::time::sleep_until(deadline) => return Read::Closed,
-            _ = shared.stop_accepting.cancelled(), if idle => return Read::Closed,
+            _ = shared.stop_accepting.cancelled(), if idle && !first => return Read::Closed,
+            _ = async {
+                shared.stop_accepting.cancelled().await;
+                tokio::time::sleep(FIRST_REQUEST_GRACE).await;
+            }, if idle && first => return Read::Closed,
         }
     }
 }
@@ -376,7 +404,14 @@ pub async fn serve_overloaded(stream: TcpStream, _slot: Overload, shared: &'stat
     };
     let started = Instant::now();
     let refusal = crate::admission::OVER_CAPACITY;
-    let head = match read_head(&mut conn, shared.max_head, OVERLOAD_HEAD_TIMEOUT, shared).await {
+    let read = read_head(
+        &mut conn,
+        shared.max_head,
+        OVERLOAD_HEAD_TIMEOUT,
+        shared,
+        true,
+    );
+    let head = match read.await {
         Read::Head(head) => head,
         _ => return,
     };
