@@ -23,4 +23,5 @@ pub mod request_id;
 pub mod server;
 pub mod takeover;
 pub mod target;
+pub mod test_fault;
 pub mod tunnel;

@@ -30,7 +30,8 @@ use tests::bpf;
 use tests::fastpath::faults::{cont_on_drop, FdLimit};
 use tests::fastpath::system::mem_available_kib;
 use tests::fastpath::tunnel::{
-    check, closing_line, exchange, open, open_on, pair, read_checked, read_end, run_plan, wait_idle,
+    check, check_all, closing_line, exchange, open, open_on, pair, read_checked, read_end,
+    run_plan, wait_idle,
 };
 use tests::fastpath::{mode, torture, Plan, Rig, Upstream, DIRECTION_MAP, DOWN, HOLD, MIB, UP};
 use tests::pattern::{self, Verifier};
@@ -94,20 +95,8 @@ async fn bulk_both_ways(rig: &Rig, seed: u64) {
         (8, 48 * MIB)
     };
     for round in 0..rounds {
-        let mut tasks = Vec::new();
-        for t in 0..4u64 {
-            let plan = Plan::new(seed + round * 10 + t, size, size);
-            let u = &upstream;
-            tasks.push(async move {
-                tokio::time::timeout(Duration::from_secs(60), run_plan(rig, u, plan))
-                    .await
-                    .map_err(|_| format!("round {round} tunnel {t}: stalled"))?
-                    .map_err(|e| format!("round {round} tunnel {t}: {e}"))
-            });
-        }
-        for r in futures_util::future::join_all(tasks).await {
-            r.unwrap();
-        }
+        let plans = (0..4u64).map(|t| Plan::new(seed + round * 10 + t, size, size));
+        check_all(rig, &upstream, plans, 60).await;
     }
     wait_idle(rig, fds).await;
 }
@@ -138,7 +127,7 @@ async fn handoffs_during_workqueue_parser_passes_lose_nothing() {
     let fds = rig.fd_count();
     let (rounds, tunnels) = if torture() { (40, 24u64) } else { (6, 24u64) };
     for round in 0..rounds {
-        let tasks = (0..tunnels).map(|t| {
+        let plans = (0..tunnels).map(|t| {
             let mut plan = Plan::new(70_000 + round * 100 + t, 4 * MIB + t, 4 * MIB + round);
             // Sent with the 101, before the daemon splices: the parser's first pass (the
             // poke, from the workqueue) reads all of it and crosses the budget mid-pass.
@@ -146,17 +135,9 @@ async fn handoffs_during_workqueue_parser_passes_lose_nothing() {
             plan.client_pre = MIB / 2 + t;
             plan.client_stall_ms = 5 + t % 7;
             plan.upstream_stall_ms = 5 + (t + 3) % 7;
-            let (rig, upstream) = (&rig, &upstream);
-            async move {
-                tokio::time::timeout(Duration::from_secs(60), run_plan(rig, upstream, plan))
-                    .await
-                    .map_err(|_| format!("round {round} tunnel {t}: stalled"))?
-                    .map_err(|e| format!("round {round} tunnel {t}: {e}"))
-            }
+            plan
         });
-        for r in futures_util::future::join_all(tasks).await {
-            r.unwrap();
-        }
+        check_all(&rig, &upstream, plans, 60).await;
     }
     wait_idle(&rig, fds).await;
     let total = (rounds * tunnels) as usize;
@@ -509,21 +490,13 @@ async fn stalled_readers_kernel_peak(limit: u64) -> (usize, u64) {
     .await;
     let upstream = Upstream::start(&rig);
     let fds = rig.fd_count();
-    let tasks = (0..tunnels).map(|i| {
+    let plans = (0..tunnels).map(|i| {
         let mut plan = Plan::new(90_000 + i, 0, 32 * MIB);
         plan.client_stall_ms = 2000;
         plan.up_after_eof = true;
-        let (rig, upstream) = (&rig, &upstream);
-        async move {
-            tokio::time::timeout(Duration::from_secs(90), run_plan(rig, upstream, plan))
-                .await
-                .map_err(|_| format!("tunnel {i} stalled"))?
-                .map_err(|e| format!("tunnel {i}: {e}"))
-        }
+        plan
     });
-    for r in futures_util::future::join_all(tasks).await {
-        r.unwrap();
-    }
+    check_all(&rig, &upstream, plans, 90).await;
     wait_idle(&rig, fds).await;
     // Every closing line, not those written so far (the log writer batches them).
     assert!(

@@ -55,7 +55,7 @@ impl Pipe {
     /// [`Capacity::for_pipe`](crate::limits::Capacity::for_pipe)).
     pub(super) fn new(force: bool) -> io::Result<Pipe> {
         // Test-only fault: every pipe is refused, as when the process is out of fds.
-        if std::env::var("PROJECT_INGRESS_PROXY_TEST_FAULT").is_ok_and(|f| f == "no-pipes") {
+        if crate::test_fault::active("no-pipes") {
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
         let counted = crate::limits::Capacity::for_pipe(force)?;

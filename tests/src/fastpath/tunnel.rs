@@ -91,6 +91,16 @@ pub async fn check(rig: &Rig, upstream: &Upstream, plan: Plan, secs: u64) {
     panic!("{plan:?}: {err}; daemon log tail:\n{}", rig.log_tail(12));
 }
 
+/// [`check`] for every plan at once.
+pub async fn check_all(
+    rig: &Rig,
+    upstream: &Upstream,
+    plans: impl IntoIterator<Item = Plan>,
+    secs: u64,
+) {
+    futures_util::future::join_all(plans.into_iter().map(|p| check(rig, upstream, p, secs))).await;
+}
+
 /// Waits until the tunnels are gone from the daemon: no fast-path map entries, no more fds
 /// than `fds_before`.
 pub async fn wait_idle(rig: &Rig, fds_before: usize) {

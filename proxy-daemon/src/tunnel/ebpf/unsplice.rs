@@ -100,11 +100,10 @@ impl Unsplicer {
     /// a socket that is closing); the caller removes those itself.
     pub fn unsplice(&self, cookies: &[u64]) -> Vec<u64> {
         let mut requests = self.requests.lock().unwrap();
-        let listed: Vec<u64> = cookies
+        // Listed, or missed for want of room in the map.
+        let (listed, mut missed): (Vec<u64>, Vec<u64>) = cookies
             .iter()
-            .copied()
-            .filter(|&c| c != LEFT && requests.insert(c, 0, 0).is_ok())
-            .collect();
+            .partition(|&&c| c != LEFT && requests.insert(c, 0, 0).is_ok());
         // The walk stops once it has served them all.
         let _ = requests.insert(LEFT, listed.len() as u32, 0);
         let started = std::time::Instant::now();
@@ -112,11 +111,6 @@ impl Unsplicer {
             tracing::warn!(error = %e, "fast path: the unsplice iterator failed; removing from user space");
         }
         let walk_us = started.elapsed().as_micros() as u64;
-        let mut missed: Vec<u64> = cookies
-            .iter()
-            .copied()
-            .filter(|c| !listed.contains(c))
-            .collect();
         for c in listed {
             if requests.get(&c, 0).ok() != Some(1) {
                 missed.push(c);

@@ -27,15 +27,11 @@ const TCP_CLOSE: u8 = 7;
 /// How often quiet directions are settled and the ledger is checked for lost events.
 const SETTLE_EVERY: Duration = Duration::from_millis(500);
 
-/// Test-only fault (env `PROJECT_INGRESS_PROXY_TEST_FAULT=event-reader-panic`): the thread
-/// panics at the first event, to prove the daemon does not run on without it.
-const FAULT_ENV: &str = "PROJECT_INGRESS_PROXY_TEST_FAULT";
-
-/// Test-only fault (`...=unsplice-from-user-space`): hand-offs remove their socket from
-/// `SOCKS` from user space with no wait at all, to show what the unsplice iterator
-/// prevents (a removal racing a parser pass loses messages).
+/// Test-only fault `unsplice-from-user-space` (`crate::test_fault`): hand-offs remove
+/// their socket from `SOCKS` from user space with no wait at all, to show what the
+/// unsplice iterator prevents (a removal racing a parser pass loses messages).
 pub fn racy_unsplice_fault() -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|f| f == "unsplice-from-user-space")
+    crate::test_fault::active("unsplice-from-user-space")
 }
 
 /// A direction the kernel splices now.
@@ -97,16 +93,16 @@ impl LiveDirections {
         self.dirs.lock().unwrap().len()
     }
 
-    /// Claims the hand-off of each direction in `cookies` that is watched and was not
-    /// handed over yet (once each); returns them with their notifiers.
-    fn claim(&self, cookies: &[u64]) -> Vec<(u64, Arc<Notify>)> {
+    /// Claims the hand-off of each requested `(cookie, reason)` whose direction is
+    /// watched and was not handed over yet (once each); returns them with their notifiers.
+    fn claim(&self, requests: &[(u64, u32)]) -> Vec<(u64, u32, Arc<Notify>)> {
         let mut dirs = self.dirs.lock().unwrap();
-        cookies
+        requests
             .iter()
-            .filter_map(|&cookie| {
+            .filter_map(|&(cookie, reason)| {
                 let w = dirs.get_mut(&cookie).filter(|w| !w.notified)?;
                 w.notified = true;
-                Some((cookie, w.handoff.clone()))
+                Some((cookie, reason, w.handoff.clone()))
             })
             .collect()
     }
@@ -190,12 +186,11 @@ impl Shared {
     /// Takes directions out of the kernel (each once) and counts why; returns the cookies
     /// of those it handed over now.
     pub(super) fn hand_off(&self, requests: &[(u64, u32)]) -> Vec<u64> {
-        let cookies: Vec<u64> = requests.iter().map(|&(c, _)| c).collect();
-        let claimed = self.live.claim(&cookies);
+        let claimed = self.live.claim(requests);
         if claimed.is_empty() {
             return Vec::new();
         }
-        let claimed_cookies: Vec<u64> = claimed.iter().map(|&(c, _)| c).collect();
+        let claimed_cookies: Vec<u64> = claimed.iter().map(|&(c, _, _)| c).collect();
         let by_user_space = match &self.unsplicer {
             Some(u) => u.unsplice(&claimed_cookies),
             None => claimed_cookies.clone(),
@@ -207,13 +202,9 @@ impl Shared {
         self.stats
             .unsplices_from_user_space
             .fetch_add(by_user_space.len() as u64, Relaxed);
-        for (cookie, handoff) in &claimed {
+        for (_, reason, handoff) in &claimed {
             handoff.notify_one();
-            let reason = requests
-                .iter()
-                .find(|(c, _)| c == cookie)
-                .map_or(0, |&(_, r)| r);
-            let counter = if reason == HANDOFF_DIRECTION_BUDGET {
+            let counter = if *reason == HANDOFF_DIRECTION_BUDGET {
                 &self.stats.handoffs_direction_budget
             } else {
                 &self.stats.handoffs_memory_limit
@@ -264,7 +255,9 @@ pub fn spawn(
     events: RingBuf<MapData>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<(Thread, watch::Receiver<Option<String>>)> {
-    let fault = std::env::var(FAULT_ENV).is_ok_and(|f| f == "event-reader-panic");
+    // Test-only fault: the thread panics at the first event, to prove the daemon does not
+    // run on without it.
+    let fault = crate::test_fault::active("event-reader-panic");
     let (tx, rx) = watch::channel(None);
     // SAFETY: eventfd has no preconditions; the fd is ours on success.
     let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
