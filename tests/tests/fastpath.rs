@@ -26,7 +26,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tests::bpf;
 use tests::fastpath::faults::{cont_on_drop, FdLimit};
 use tests::fastpath::system::mem_available_kib;
 use tests::fastpath::tunnel::{
@@ -35,6 +34,7 @@ use tests::fastpath::tunnel::{
 };
 use tests::fastpath::{mode, torture, Plan, Rig, Upstream, DIRECTION_MAP, DOWN, HOLD, MIB, UP};
 use tests::pattern::{self, Verifier};
+use tests::{bpf, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ---------------------------------------------------------------- tunnels
@@ -443,6 +443,149 @@ async fn thousands_of_concurrent_tunnels_leave_nothing_behind() {
         closed >= n as usize - 10,
         "only {closed} tunnels logged closed"
     );
+}
+
+/// Issue 9.5: a tunnel spliced in the kernel both ways waits without a task ("parked":
+/// no futures, no event-loop registrations) and gets one back for each thing that can
+/// happen to it: its client's or its upstream's FIN, a reset from either side, a
+/// direction over its budget (handed over while parked). Every byte is checked, each
+/// end is the one the peer caused, and nothing is left parked, open or in the maps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_park_and_wake_for_every_event() {
+    if mode() != "ebpf" {
+        return;
+    }
+    let rig = Rig::start("ebpf").await;
+    let upstream = Upstream::start(&rig);
+    let fds = rig.fd_count();
+    const EACH: u64 = 8;
+    const SMALL: u64 = 16 * 1024;
+    // Over the default 2 MiB budget: handed over to splice(2) while parked.
+    const BULK: u64 = 6 * MIB;
+    let groups = [
+        "client-fin",
+        "upstream-fin",
+        "client-rst",
+        "upstream-rst",
+        "handoff",
+    ];
+    let mut tunnels = Vec::new();
+    for (g, group) in groups.iter().enumerate() {
+        for i in 0..EACH {
+            let key = 7_000 + g as u64 * 100 + i;
+            let id = format!("park-{group}-{i}");
+            let (c, u) = pair(&rig, &upstream, key, &id).await;
+            tunnels.push((*group, id, key, c, u));
+        }
+    }
+    let n = tunnels.len();
+    // A little traffic each way, in the kernel (parked tunnels are not woken by it).
+    for (_, _, key, c, u) in &mut tunnels {
+        let (up, down) = (*key ^ UP, *key ^ DOWN);
+        pattern::send(c, up, 0, SMALL).await.unwrap();
+        read_checked(u, up, 0, SMALL).await.unwrap();
+        pattern::send(u, down, 0, SMALL).await.unwrap();
+        read_checked(c, down, 0, SMALL).await.unwrap();
+    }
+    wait_parked(&rig, n, n).await;
+    let mut ends = Vec::new();
+    for (group, id, key, mut c, mut u) in tunnels {
+        let (up, down) = (key ^ UP, key ^ DOWN);
+        let rig = &rig;
+        ends.push(async move {
+            match group {
+                // One side's FIN wakes it; the other side answers after the EOF.
+                "client-fin" | "upstream-fin" => {
+                    let (first, first_seed, second, second_seed) = if group == "client-fin" {
+                        (&mut c, up, &mut u, down)
+                    } else {
+                        (&mut u, down, &mut c, up)
+                    };
+                    pattern::send(first, first_seed, SMALL, 2 * SMALL)
+                        .await
+                        .unwrap();
+                    first.shutdown().await.unwrap();
+                    read_checked(second, first_seed, SMALL, SMALL)
+                        .await
+                        .unwrap();
+                    assert_eq!(read_end(second).await, Ok(()), "{id}");
+                    pattern::send(second, second_seed, SMALL, 2 * SMALL)
+                        .await
+                        .unwrap();
+                    second.shutdown().await.unwrap();
+                    read_checked(first, second_seed, SMALL, SMALL)
+                        .await
+                        .unwrap();
+                    assert_eq!(read_end(first).await, Ok(()), "{id}");
+                    rig.expect(&id, 2 * SMALL, 2 * SMALL);
+                }
+                // A reset wakes it and reaches the other side as a reset.
+                "client-rst" | "upstream-rst" => {
+                    let (gone, other) = if group == "client-rst" {
+                        (c, &mut u)
+                    } else {
+                        (u, &mut c)
+                    };
+                    socket2::SockRef::from(&gone)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap();
+                    drop(gone);
+                    assert_eq!(
+                        read_end(other).await,
+                        Err(io::ErrorKind::ConnectionReset),
+                        "{id}"
+                    );
+                    assert_eq!(closing_line(rig, &id).await["end"], "reset", "{id}");
+                }
+                // Over budget while parked: handed over, then ends cleanly both ways.
+                _ => {
+                    let send = async {
+                        pattern::send(&mut u, down, SMALL, SMALL + BULK)
+                            .await
+                            .unwrap();
+                        u.shutdown().await.unwrap();
+                    };
+                    let recv = read_checked(&mut c, down, SMALL, BULK);
+                    let (_, got) = tokio::join!(send, recv);
+                    got.unwrap();
+                    assert_eq!(read_end(&mut c).await, Ok(()), "{id}");
+                    c.shutdown().await.unwrap();
+                    assert_eq!(read_end(&mut u).await, Ok(()), "{id}");
+                    rig.expect(&id, SMALL, SMALL + BULK);
+                    let line = closing_line(rig, &id).await;
+                    assert_eq!(line["upstream_to_client_handoff"], "budget", "{line}");
+                }
+            }
+        });
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        futures_util::future::join_all(ends),
+    )
+    .await
+    .expect("a parked tunnel did not wake");
+    wait_parked(&rig, 0, 0).await;
+    wait_idle(&rig, fds).await;
+}
+
+/// Waits until the daemon reports `parked` parked tunnels out of `open`.
+async fn wait_parked(rig: &Rig, parked: usize, open: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = rig.setup.admin_get("/metrics").await.unwrap();
+        let now = (
+            metric(&body, "project_ingress_proxy_tunnels_parked"),
+            metric(&body, "project_ingress_proxy_tunnels"),
+        );
+        if now == (Some(parked as f64), Some(open as f64)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {parked} parked of {open} open tunnels, the daemon reports {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // ---------------------------------------------------------------- hardening

@@ -8,25 +8,12 @@ use anyhow::Result;
 use tests::client::read_until_close;
 use tests::daemon::TempDir;
 use tests::recording::RecordingApp;
-use tests::{v4, Setup};
+use tests::{metric, v4, Setup};
 use tokio::io::AsyncWriteExt;
-
-const ADMIN: &str = "127.0.0.1:9180";
 
 /// A GET on the admin interface, from inside the machine namespace: (status, body).
 async fn admin_get(s: &Setup, path: &str) -> Result<(u16, String)> {
-    let mut c = s.topo.machine.connect(ADMIN.parse()?).await?;
-    c.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let answer = read_until_close(&mut c, Duration::from_secs(3)).await;
-    let status = answer.get(9..12).unwrap_or("0").parse()?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    s.admin_get(path).await
 }
 
 async fn proxied(s: &Setup, target: &str, extra: &str) -> Result<String> {
@@ -34,13 +21,6 @@ async fn proxied(s: &Setup, target: &str, extra: &str) -> Result<String> {
     c.write_all(format!("GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\nX-Iterate-Proxy-Target-Host: {target}\r\n{extra}\r\n").as_bytes())
         .await?;
     Ok(read_until_close(&mut c, Duration::from_secs(3)).await)
-}
-
-/// The value of a metric line that starts with `series` (name and labels).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

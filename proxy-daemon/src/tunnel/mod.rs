@@ -8,6 +8,7 @@ pub mod copy;
 pub mod counters;
 pub mod ebpf;
 pub mod handover;
+mod park;
 pub mod progress;
 pub mod registry;
 pub mod socket;
@@ -19,7 +20,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
@@ -58,6 +59,9 @@ pub enum RelayEnd {
     /// The shutdown grace period ended first: both sides are reset (never closed as if
     /// the stream were complete).
     Shutdown,
+    /// Not an end: both directions are in the kernel and the tunnel can wait without a
+    /// task (`park`) until one of them ends or is handed over.
+    Parked,
 }
 
 impl RelayEnd {
@@ -66,6 +70,7 @@ impl RelayEnd {
             RelayEnd::Closed => "closed",
             RelayEnd::Reset(_) => "reset",
             RelayEnd::Shutdown => "shutdown",
+            RelayEnd::Parked => "parked",
         }
     }
 }
@@ -110,6 +115,12 @@ impl crate::metrics::Source for Tunnels {
 
         let live = self.registry.snapshot();
         gauge(encoder, "tunnels", "Open tunnels", live.len() as i64)?;
+        gauge(
+            encoder,
+            "tunnels_parked",
+            "Open tunnels spliced in the kernel both ways and waiting without a task (docs/fastpath.md, Parked tunnels)",
+            self.parked() as i64,
+        )?;
         let mut paths: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
         for t in &live {
             *paths
@@ -281,11 +292,16 @@ pub struct Tunnels {
     /// While a takeover runs: where paused tunnels, and tunnels started from then on,
     /// go to be sent to the successor.
     outgoing: Arc<Mutex<Option<mpsc::UnboundedSender<transfer::Outgoing>>>>,
+    /// Where kernel-spliced tunnels wait without a task (with the fast path only; set
+    /// once at start-up).
+    parker: Arc<OnceLock<Arc<park::Parker>>>,
 }
 
 impl Tunnels {
+    /// Within a tokio runtime when `relay` is the fast path (its parked tunnels are
+    /// watched by a task of that runtime).
     pub fn new(relay: Relay, zero_hop: Option<Arc<zero_hop::ZeroHop>>) -> Self {
-        Tunnels {
+        let tunnels = Tunnels {
             registry: Arc::new(Registry::new(relay.splicer().cloned(), zero_hop.clone())),
             relay,
             zero_hop,
@@ -293,7 +309,23 @@ impl Tunnels {
             shutdown: CancellationToken::new(),
             pause: CancellationToken::new(),
             outgoing: Arc::new(Mutex::new(None)),
+            parker: Arc::new(OnceLock::new()),
+        };
+        if let Some(splicer) = tunnels.relay.splicer() {
+            match park::Parker::start(splicer.clone(), &tunnels) {
+                Ok(parker) => {
+                    let _ = tunnels.parker.set(parker);
+                }
+                // Tunnels keep their tasks: correct, only heavier.
+                Err(e) => tracing::warn!(error = %e, "idle tunnels cannot be parked"),
+            }
         }
+        tunnels
+    }
+
+    /// Tunnels parked now (kernel-spliced both ways, waiting without a task).
+    pub fn parked(&self) -> usize {
+        self.parker.get().map_or(0, |p| p.len())
     }
 
     pub fn relay(&self) -> Relay {
@@ -313,7 +345,7 @@ impl Tunnels {
     /// Runs a tunnel; `hold` (its descriptors in the capacity budget) lives as long as it.
     /// A panic inside is contained to it and logged with its request id. During a
     /// takeover the tunnel goes straight to the successor instead.
-    pub fn start(&self, tunnel: Tunnel, hold: impl Send + 'static) {
+    pub fn start(&self, tunnel: Tunnel, hold: crate::limits::Fds) {
         let outgoing = self.outgoing.lock().unwrap().clone();
         if let Some(outgoing) = outgoing {
             transfer::send_straight_on(tunnel, &outgoing);
@@ -323,7 +355,6 @@ impl Tunnels {
         let label = format!("tunnel {}", tunnel.request_id);
         self.tracker
             .spawn(crate::panic::contained(label.as_bytes(), async move {
-                let _hold = hold;
                 let Tunnel {
                     request_id,
                     port,
@@ -354,8 +385,9 @@ impl Tunnels {
                         upstream,
                         progress,
                         takeovers: 0,
-                        resume: false,
+                        start: Start::New,
                         zero_hop,
+                        hold,
                     },
                 )
                 .await;
@@ -389,70 +421,119 @@ struct Running {
     progress: Progress,
     /// Takeovers it has gone through so far.
     takeovers: u32,
-    /// It continues where the daemon taken over left it (else its relay starts, after
-    /// the held leftovers).
-    resume: bool,
+    start: Start,
     /// Its upstream connection's zero-hop registration (a new tunnel with zero-hop on).
     zero_hop: Option<zero_hop::Registration>,
+    /// Its descriptors in the capacity budget.
+    hold: crate::limits::Fds,
+}
+
+/// How a tunnel's relay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A new tunnel: the held leftovers first, then its relay.
+    New,
+    /// Adopted from the daemon taken over: each direction where it stood there.
+    Adopted,
+    /// Woken from the parker: each direction where it stood when it parked.
+    Unparked { zero_hop_state: &'static str },
 }
 
 /// Runs a tunnel until it ends (its closing line), or until a takeover pauses it (it
 /// moves to the successor, which logs its closing line one day).
 async fn run(tunnels: &Tunnels, r: Running) {
     let Running {
-        live,
-        client,
-        upstream,
-        progress,
+        mut live,
+        mut client,
+        mut upstream,
+        mut progress,
         takeovers,
-        resume,
+        mut start,
         zero_hop,
+        mut hold,
     } = r;
     let relay = &tunnels.relay;
-    let counters = &live.counters;
+    let parker = tunnels.parker.get();
     // Outside the relay's future, so that whatever ends the tunnel (its end, a
     // shutdown, a takeover) switches zero-hop off first (`end_zero_hop`).
     let mut zero_hop = zero_hop;
-    let mut zero_hop_state = if zero_hop.is_some() {
-        "registered"
-    } else if counters.upstream_to_client.used_zero_hop() {
+    let mut zero_hop_state = match start {
+        Start::Unparked { zero_hop_state } => zero_hop_state,
+        _ if zero_hop.is_some() => "registered",
         // Adopted: the daemon taken over switched it back to the normal hop.
-        "ended by takeover"
-    } else {
-        "off"
+        _ if live.counters.upstream_to_client.used_zero_hop() => "ended by takeover",
+        _ => "off",
     };
-    let mut relayed = relay_future(
-        relay,
-        &client,
-        &upstream,
-        counters,
-        &progress,
-        resume,
-        ZeroHopStart {
-            registration: &mut zero_hop,
-            state: &mut zero_hop_state,
-        },
-    );
-    let end = tokio::select! {
-        // First: a tunnel paused for a takeover must not start anything new.
-        biased;
-        _ = tunnels.pause.cancelled() => None,
-        end = &mut relayed => Some(end),
-        _ = tunnels.shutdown.cancelled() => Some(RelayEnd::Shutdown),
+    let end = loop {
+        let mut relayed = relay_future(
+            tunnels,
+            &client,
+            &upstream,
+            &live.counters,
+            &progress,
+            start,
+            ZeroHopStart {
+                registration: &mut zero_hop,
+                state: &mut zero_hop_state,
+            },
+        );
+        let end = tokio::select! {
+            // First: a tunnel paused for a takeover must not start anything new.
+            biased;
+            _ = tunnels.pause.cancelled() => None,
+            end = &mut relayed => Some(end),
+            _ = tunnels.shutdown.cancelled() => Some(RelayEnd::Shutdown),
+        };
+        if end.is_none() {
+            // Paused: from here on its fast-path entries belong to the successor, so
+            // dropping the relay leaves them in the maps.
+            progress.start_handing_over();
+        }
+        // Dropping the relay (on shutdown) settles its kernel state and counts first;
+        // paused or parked, it leaves the kernel state as it is.
+        drop(relayed);
+        if end != Some(RelayEnd::Parked) {
+            break end;
+        }
+        // Both directions are in the kernel: wait without a task until something
+        // happens to them (`park`).
+        let Some(parker) = parker else {
+            unreachable!("a relay parks only when there is a parker")
+        };
+        let parked = park::Parked {
+            live,
+            client,
+            upstream,
+            progress: Box::new(progress),
+            takeovers,
+            hold,
+            zero_hop_state,
+            worker: tokio::runtime::Handle::current(),
+        };
+        let Err(back) = parker.park(parked, tunnels) else {
+            return;
+        };
+        // It could not wait there (a hand-off came first, a takeover began): this task
+        // continues it.
+        (live, client, upstream, progress, hold) = (
+            back.live,
+            back.client,
+            back.upstream,
+            *back.progress,
+            back.hold,
+        );
+        start = Start::Unparked { zero_hop_state };
     };
+    let counters = &live.counters;
     let Some(end) = end else {
         // Stopped at an await point: `progress` says where each direction stands. The
         // fast-path entries stay in the maps for the successor.
-        progress.start_handing_over();
-        drop(relayed);
         // A zero-hop tunnel goes back to the normal hop first: the successor relays
         // it as an ordinary splice(2) direction (docs/zero-hop.md, Takeover).
         end_zero_hop(zero_hop, counters);
         transfer::hand_over(tunnels, &live, client, upstream, &progress, takeovers);
         return;
     };
-    // Dropping the relay (on shutdown) settles its kernel state and counts first.
-    drop(relayed);
     end_zero_hop(zero_hop, counters);
     if end != RelayEnd::Closed {
         // Propagate the failure: close both with RST rather than a clean FIN.
@@ -478,16 +559,26 @@ struct ZeroHopStart<'a> {
 /// The tunnel's relay, boxed on its own: the task keeps only a pointer, and the box
 /// holds the one data path this tunnel runs, not the largest of them.
 fn relay_future<'a>(
-    relay: &'a Relay,
+    tunnels: &'a Tunnels,
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     counters: &'a TunnelCounters,
     progress: &'a Progress,
-    resume: bool,
+    start: Start,
     zero_hop: ZeroHopStart<'a>,
 ) -> Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> {
-    if resume {
-        return Box::pin(resume_relay(relay, client, upstream, counters, progress));
+    let relay = &tunnels.relay;
+    // A relay may park the tunnel only where a parker waits for it.
+    let park = tunnels.parker.get().is_some();
+    let how = match start {
+        Start::New => None,
+        Start::Adopted => Some(ebpf::Resume::Adopted { park }),
+        Start::Unparked { .. } => Some(ebpf::Resume::Unparked),
+    };
+    if let Some(how) = how {
+        return Box::pin(resume_relay(
+            relay, client, upstream, counters, progress, how,
+        ));
     }
     // The bytes hyper read past the upgrade go first, then the relay starts (boxed
     // apart: the leftovers' state is not kept for the tunnel's life).
@@ -513,9 +604,9 @@ fn relay_future<'a>(
         let relay: Pin<Box<dyn Future<Output = RelayEnd> + Send + 'a>> = match relay {
             Relay::Copy => Box::pin(copy::relay(client, upstream, counters, progress)),
             Relay::Splice => Box::pin(splice::relay(client, upstream, counters, progress)),
-            Relay::Ebpf(splicer) => {
-                Box::pin(ebpf::relay(splicer, client, upstream, counters, progress))
-            }
+            Relay::Ebpf(splicer) => Box::pin(ebpf::relay(
+                splicer, client, upstream, counters, progress, park,
+            )),
         };
         relay.await
     })
@@ -666,9 +757,10 @@ async fn resume_relay(
     upstream: &TcpStream,
     counters: &TunnelCounters,
     progress: &Progress,
+    how: ebpf::Resume,
 ) -> RelayEnd {
     if let Relay::Ebpf(splicer) = relay {
-        return ebpf::resume(splicer, client, upstream, counters, progress).await;
+        return ebpf::resume(splicer, client, upstream, counters, progress, how).await;
     }
     let up = continue_way(
         client,

@@ -25,7 +25,7 @@ use super::counters::{DirectionCounters, TunnelCounters};
 use super::handover::{DirectionState, PathState, TunnelState};
 use super::progress::{Progress, WayProgress};
 use super::registry::LiveTunnel;
-use super::{run, socket, Relay, Running, Tunnel, Tunnels};
+use super::{run, socket, Relay, Running, Start, Tunnel, Tunnels};
 use crate::limits::Capacity;
 use crate::takeover::wire::Channel;
 use crate::takeover::ToNew;
@@ -123,8 +123,7 @@ impl Tunnels {
             let tunnels = self.clone();
             let label = format!("tunnel {}", state.request_id);
             let task = crate::panic::contained(label.as_bytes(), async move {
-                let _hold = hold;
-                adopt(&tunnels, state, m.blob, client, upstream).await;
+                adopt(&tunnels, state, m.blob, client, upstream, hold).await;
             });
             workers[n % workers.len()].spawn(self.tracker.track_future(task));
             n += 1;
@@ -372,6 +371,7 @@ async fn adopt(
     mut blob: Vec<u8>,
     client: OwnedFd,
     upstream: OwnedFd,
+    hold: crate::limits::Fds,
 ) {
     let streams = (stream(client), stream(upstream));
     let (client, upstream) = match streams {
@@ -427,7 +427,8 @@ async fn adopt(
             upstream,
             progress,
             takeovers: state.takeovers,
-            resume: !fresh,
+            start: if fresh { Start::New } else { Start::Adopted },
+            hold,
             // Adopted tunnels are never zero-hop (they were switched back to the normal
             // hop before they were sent).
             zero_hop: None,

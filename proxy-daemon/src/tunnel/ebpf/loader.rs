@@ -295,6 +295,11 @@ impl Splicer {
         handoff
     }
 
+    /// The directions the kernel splices now (parked tunnels wait on their hand-offs).
+    pub fn live(&self) -> &Arc<LiveDirections> {
+        &self.live
+    }
+
     /// An adopted direction uses ledger `slot`.
     pub fn claim_slot(&self, slot: u32) {
         self.accounting.claim(slot);

@@ -29,6 +29,7 @@ pub use loader::{
     object_embedded, Settings, Splicer, Stats, DEFAULT_BUDGET, DEFAULT_EVENT_RING_BYTES,
     DEFAULT_MAX_SOCKETS, DEFAULT_MEMORY_LIMIT,
 };
+pub use watch::LiveDirections;
 
 use super::counters::{DirectionCounters, TunnelCounters};
 use super::handover::{KernelWay, PathState};
@@ -87,11 +88,17 @@ struct Spliced<'a> {
     counters: &'a TunnelCounters,
     progress: &'a Progress,
     ways: Vec<Way<'a>>,
+    /// The tunnel is being parked (`tunnel::park`): its directions stay in the kernel
+    /// and watched, and continue when it is woken (`resume` with `Resume::Unparked`).
+    parking: bool,
 }
 
 impl Drop for Spliced<'_> {
     fn drop(&mut self) {
         let splicer = self.splicer;
+        if self.parking {
+            return;
+        }
         if self.progress.handing_over() {
             // Never remove a socket from a map during a hand-over: removal can lose a
             // message (docs/fastpath.md). The successor watches these directions now.
@@ -148,12 +155,16 @@ fn is_full(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::E2BIG) || e.raw_os_error() == Some(libc::ENOMEM)
 }
 
+/// Splices both directions in the kernel. With `park`, a tunnel whose two directions
+/// both went into the kernel returns [`RelayEnd::Parked`] at once: nothing is left for a
+/// task to do until a direction ends or is handed over (`tunnel::park` waits for that).
 pub async fn relay(
     splicer: &Splicer,
     client: &TcpStream,
     upstream: &TcpStream,
     counters: &TunnelCounters,
     progress: &Progress,
+    park: bool,
 ) -> RelayEnd {
     relay_with(
         splicer,
@@ -162,6 +173,7 @@ pub async fn relay(
         counters,
         progress,
         None::<std::future::Pending<io::Result<()>>>,
+        park,
     )
     .await
 }
@@ -178,7 +190,16 @@ pub async fn relay_up(
     progress: &Progress,
     down: impl Future<Output = io::Result<()>>,
 ) -> RelayEnd {
-    relay_with(splicer, client, upstream, counters, progress, Some(down)).await
+    relay_with(
+        splicer,
+        client,
+        upstream,
+        counters,
+        progress,
+        Some(down),
+        false,
+    )
+    .await
 }
 
 /// The userspace relay, for a tunnel the kernel cannot take (`down`: see `relay_up`).
@@ -211,6 +232,7 @@ async fn relay_with(
     counters: &TunnelCounters,
     progress: &Progress,
     down: Option<impl Future<Output = io::Result<()>>>,
+    park: bool,
 ) -> RelayEnd {
     let (c, u) = match (sys::cookie(client), sys::cookie(upstream)) {
         (Ok(c), Ok(u)) => (c, u),
@@ -229,6 +251,7 @@ async fn relay_with(
         counters,
         progress,
         ways: Vec::with_capacity(2),
+        parking: false,
     };
     // Directions first (the verdict finds its peer as soon as a socket is in SOCKS),
     // then both sockets as redirect targets. Full maps, or a socket that already
@@ -337,6 +360,10 @@ async fn relay_with(
             }
         }
     }
+    if park && parkable(&spliced) {
+        spliced.parking = true;
+        return RelayEnd::Parked;
+    }
     // Boxed: this frame's set-up state is not kept for the tunnel's life.
     let ways = Box::pin(run_ways(
         splicer, &spliced, client, upstream, counters, progress, down,
@@ -344,22 +371,39 @@ async fn relay_with(
     ways.await
 }
 
-/// Continues a tunnel adopted from the daemon taken over (`takeover`): its directions
-/// in the kernel stay there (their sockets never left the maps; the hand-off thread of
-/// this process watches them from now on), the others continue in userspace on the path
-/// they were on, their held bytes first.
+/// Both directions are in the kernel and neither was handed over: a task has nothing to
+/// do for this tunnel but wait.
+fn parkable(spliced: &Spliced<'_>) -> bool {
+    spliced.ways.len() == 2 && spliced.ways.iter().all(|w| w.in_kernel.load(Relaxed))
+}
+
+/// Where a tunnel that `resume` continues comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Adopted from the daemon taken over; `park` as in [`relay`].
+    Adopted { park: bool },
+    /// Woken from the parker: its kernel directions are still watched here.
+    Unparked,
+}
+
+/// Continues a tunnel adopted from the daemon taken over (`takeover`), or woken from the
+/// parker: its directions in the kernel stay there (their sockets never left the maps;
+/// the hand-off thread of this process watches them), the others continue in userspace
+/// on the path they were on, their held bytes first.
 pub async fn resume(
     splicer: &Splicer,
     client: &TcpStream,
     upstream: &TcpStream,
     counters: &TunnelCounters,
     progress: &Progress,
+    how: Resume,
 ) -> RelayEnd {
     let mut spliced = Spliced {
         splicer,
         counters,
         progress,
         ways: Vec::with_capacity(2),
+        parking: false,
     };
     let ways = [
         (
@@ -395,16 +439,30 @@ pub async fn resume(
     }
     for w in spliced.ways.iter_mut() {
         if w.progress.path() == PathState::Kernel {
-            w.handoff = splicer.adopt_direction(
-                w.from_cookie,
-                w.slot,
-                w.from.as_raw_fd(),
-                w.to.as_raw_fd(),
-                w.to_base,
-            );
+            let watched = match how {
+                // Its hand-off notifier is the one it was parked with (a hand-off that
+                // came meanwhile left its permit there).
+                Resume::Unparked => splicer.live.unpark(w.from_cookie),
+                Resume::Adopted { .. } => None,
+            };
+            w.handoff = watched.unwrap_or_else(|| {
+                splicer.adopt_direction(
+                    w.from_cookie,
+                    w.slot,
+                    w.from.as_raw_fd(),
+                    w.to.as_raw_fd(),
+                    w.to_base,
+                )
+            });
             w.in_kernel.store(true, Relaxed);
             w.counters.enter_kernel(w.from_cookie);
         }
+    }
+    // A woken tunnel never parks again here: what woke it (an EOF, an error, a hand-off)
+    // is for a task to handle.
+    if how == (Resume::Adopted { park: true }) && parkable(&spliced) {
+        spliced.parking = true;
+        return RelayEnd::Parked;
     }
     let no_override = None::<std::future::Pending<io::Result<()>>>;
     run_ways(
@@ -666,5 +724,21 @@ async fn wait_delivered(to: &TcpStream, base: u64, redirected: u64) -> io::Resul
         }
         rare_sleep(delay).await;
         delay = (delay * 2).min(MAX_POLL);
+    }
+}
+
+/// A parked tunnel that cannot get a task again (its sockets could not be registered
+/// with an event loop): its kernel state goes as when a tunnel ends; the caller resets
+/// its sockets, so no byte the kernel still held can look delivered.
+pub fn abandon(splicer: &Splicer, progress: &Progress) {
+    let ways = [&progress.client_to_upstream, &progress.upstream_to_client];
+    for k in ways.iter().filter_map(|w| w.kernel()) {
+        splicer.unsplice_source(k.cookie);
+        splicer.live.forget(k.cookie);
+        splicer.accounting.settle_all(k.slot);
+        splicer.remove(k.cookie, Some(k.slot));
+    }
+    for c in progress.targets() {
+        splicer.remove(c, None);
     }
 }

@@ -49,12 +49,18 @@ struct Watched {
     handoff: Arc<Notify>,
     /// Woken already (an event came, or the ledger scan found it).
     notified: bool,
+    /// Its tunnel is parked (`tunnel::park`) under this id: no task waits on `handoff`,
+    /// so a hand-off also wakes the parker.
+    parked: Option<u64>,
 }
 
 /// The directions the kernel splices now, by source socket cookie.
 #[derive(Default)]
 pub struct LiveDirections {
     dirs: Mutex<HashMap<u64, Watched>>,
+    /// Ids of parked tunnels a hand-off woke, for the parker to take.
+    woken_parked: Mutex<Vec<u64>>,
+    parked_woken: Notify,
 }
 
 impl LiveDirections {
@@ -78,9 +84,49 @@ impl LiveDirections {
                 to_base,
                 handoff: handoff.clone(),
                 notified: false,
+                parked: None,
             },
         );
         handoff
+    }
+
+    /// Marks the directions of a tunnel about to be parked under `id`. False (nothing
+    /// marked) if one of them is not watched or was handed over already: that tunnel
+    /// must keep its task.
+    pub fn park(&self, cookies: &[u64], id: u64) -> bool {
+        let mut dirs = self.dirs.lock().unwrap();
+        if !cookies
+            .iter()
+            .all(|c| dirs.get(c).is_some_and(|w| !w.notified))
+        {
+            return false;
+        }
+        for c in cookies {
+            if let Some(w) = dirs.get_mut(c) {
+                w.parked = Some(id);
+            }
+        }
+        true
+    }
+
+    /// A parked direction gets a task again: returns its hand-off notifier (with the
+    /// permit of a hand-off that came while it was parked). None if it is not watched.
+    pub fn unpark(&self, cookie: u64) -> Option<Arc<Notify>> {
+        let mut dirs = self.dirs.lock().unwrap();
+        let w = dirs.get_mut(&cookie)?;
+        w.parked = None;
+        Some(w.handoff.clone())
+    }
+
+    /// Waits until a hand-off wakes a parked tunnel, then returns the ids of those woken.
+    pub async fn woken_parked(&self) -> Vec<u64> {
+        loop {
+            let woken = std::mem::take(&mut *self.woken_parked.lock().unwrap());
+            if !woken.is_empty() {
+                return woken;
+            }
+            self.parked_woken.notified().await;
+        }
     }
 
     /// Stops watching a direction (it left the kernel, or its tunnel ends).
@@ -94,17 +140,29 @@ impl LiveDirections {
     }
 
     /// Claims the hand-off of each requested `(cookie, reason)` whose direction is
-    /// watched and was not handed over yet (once each); returns them with their notifiers.
-    fn claim(&self, requests: &[(u64, u32)]) -> Vec<(u64, u32, Arc<Notify>)> {
+    /// watched and was not handed over yet (once each); returns them with their notifiers
+    /// and the parker's id of those whose tunnel is parked.
+    fn claim(&self, requests: &[(u64, u32)]) -> Vec<(u64, u32, Arc<Notify>, Option<u64>)> {
         let mut dirs = self.dirs.lock().unwrap();
         requests
             .iter()
             .filter_map(|&(cookie, reason)| {
                 let w = dirs.get_mut(&cookie).filter(|w| !w.notified)?;
                 w.notified = true;
-                Some((cookie, reason, w.handoff.clone()))
+                Some((cookie, reason, w.handoff.clone(), w.parked))
             })
             .collect()
+    }
+
+    /// Wakes the parker for these parked tunnels.
+    fn wake_parked(&self, ids: impl Iterator<Item = u64>) {
+        let mut woken = self.woken_parked.lock().unwrap();
+        let before = woken.len();
+        woken.extend(ids);
+        if woken.len() != before {
+            drop(woken);
+            self.parked_woken.notify_one();
+        }
     }
 
     /// Removes a source from `SOCKS` from user space (no unsplice iterator, or it did not
@@ -190,7 +248,7 @@ impl Shared {
         if claimed.is_empty() {
             return Vec::new();
         }
-        let claimed_cookies: Vec<u64> = claimed.iter().map(|&(c, _, _)| c).collect();
+        let claimed_cookies: Vec<u64> = claimed.iter().map(|&(c, ..)| c).collect();
         let by_user_space = match &self.unsplicer {
             Some(u) => u.unsplice(&claimed_cookies),
             None => claimed_cookies.clone(),
@@ -202,7 +260,11 @@ impl Shared {
         self.stats
             .unsplices_from_user_space
             .fetch_add(by_user_space.len() as u64, Relaxed);
-        for (_, reason, handoff) in &claimed {
+        // The direction is out of `SOCKS`: its tunnel may take it over now (a parked
+        // tunnel once the parker gave it a task again).
+        self.live
+            .wake_parked(claimed.iter().filter_map(|&(.., parked)| parked));
+        for (_, reason, handoff, _) in &claimed {
             handoff.notify_one();
             let counter = if *reason == HANDOFF_DIRECTION_BUDGET {
                 &self.stats.handoffs_direction_budget

@@ -1,0 +1,368 @@
+//! Parked tunnels: a tunnel whose two directions the kernel splices needs nothing from
+//! the daemon until a direction ends (FIN), fails (reset, keepalive timeout) or is
+//! handed over (over budget). Such a tunnel gives up its task and its sockets' event-loop
+//! registrations and waits here as a plain entry: both sockets in one epoll set of the
+//! parker's own (FIN, error and hang-up only), its hand-offs through the fast path's
+//! watch list. The first of those events gives it a task again on the worker it came
+//! from, which continues exactly where it stood (`ebpf::resume`, `Resume::Unparked`).
+//!
+//! Why: an idle tunnel used to keep a task with the futures of both directions, two
+//! readiness registrations and its relay's boxes (about 5.5 KiB each, issue 9 item 5);
+//! parked it keeps its registry entry, its watch entries and this entry.
+//!
+//! A takeover or a shutdown closes the parker: every parked tunnel gets its task back
+//! at once, and the task pauses (takeover) or resets it (shutdown) like any other.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::runtime::Handle;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use super::ebpf::Splicer;
+use super::progress::Progress;
+use super::registry::LiveTunnel;
+use super::{run, Running, Start, Tunnels};
+use crate::limits::Fds;
+
+/// What a parked tunnel keeps: its sockets `S` are tokio's while it has a task, plain
+/// ones (no event-loop registration) while parked.
+pub(super) struct Parked<S> {
+    pub live: Arc<LiveTunnel>,
+    pub client: S,
+    pub upstream: S,
+    pub progress: Box<Progress>,
+    pub takeovers: u32,
+    /// Its descriptors in the capacity budget.
+    pub hold: Fds,
+    /// What its closing line says of zero-hop.
+    pub zero_hop_state: &'static str,
+    /// The worker it runs on again.
+    pub worker: Handle,
+}
+
+/// A parked tunnel with what keeps the daemon's drain waiting for it.
+struct Entry {
+    parked: Parked<std::net::TcpStream>,
+    /// It counts as a running tunnel (`Tunnels::open`, `wait_idle`).
+    _token: TaskTrackerToken,
+}
+
+struct Table {
+    entries: HashMap<u64, Entry>,
+    next_id: u64,
+    /// A takeover or shutdown began: nothing parks any more.
+    closed: bool,
+}
+
+pub(super) struct Parker {
+    epoll: AsyncFd<OwnedFd>,
+    table: Mutex<Table>,
+    splicer: Arc<Splicer>,
+}
+
+/// FIN received, error, hang-up; edge-triggered: each wakes the tunnel once, and it is
+/// out of the set before anything else could happen to it here.
+const EVENTS: u32 = (libc::EPOLLRDHUP | libc::EPOLLERR | libc::EPOLLHUP | libc::EPOLLET) as u32;
+
+impl Parker {
+    /// A parker for the fast path's tunnels; its loop runs on the current runtime until
+    /// the tunnels pause or shut down.
+    pub(super) fn start(splicer: Arc<Splicer>, tunnels: &Tunnels) -> io::Result<Arc<Parker>> {
+        // SAFETY: epoll_create1 has no preconditions; the fd is ours on success.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the epoll descriptor is owned by the AsyncFd and closed only when the
+        // AsyncFd (which deregisters it first) is dropped.
+        let epoll =
+            unsafe { AsyncFd::register_with_interest(epoll, tokio::io::Interest::READABLE) }?;
+        let parker = Arc::new(Parker {
+            epoll,
+            table: Mutex::new(Table {
+                entries: HashMap::new(),
+                next_id: 1,
+                closed: false,
+            }),
+            splicer,
+        });
+        tokio::spawn(parker.clone().run(tunnels.clone()));
+        Ok(parker)
+    }
+
+    /// Tunnels parked now.
+    pub(super) fn len(&self) -> usize {
+        self.table.lock().unwrap().entries.len()
+    }
+
+    /// Parks a tunnel whose relay returned `RelayEnd::Parked`. Gives it back when it
+    /// cannot wait here (the parker is closed, a hand-off came first, epoll refused a
+    /// socket): its task then continues it.
+    // The tunnel goes straight back to its caller (once per attempt): no box for it.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn park(
+        &self,
+        parked: Parked<tokio::net::TcpStream>,
+        tunnels: &Tunnels,
+    ) -> Result<(), Parked<tokio::net::TcpStream>> {
+        let mut table = self.table.lock().unwrap();
+        if table.closed {
+            return Err(parked);
+        }
+        let cookies: Vec<u64> = [
+            &parked.progress.client_to_upstream,
+            &parked.progress.upstream_to_client,
+        ]
+        .iter()
+        .filter_map(|w| w.kernel().map(|k| k.cookie))
+        .collect();
+        let id = table.next_id;
+        if !self.splicer.live().park(&cookies, id) {
+            return Err(parked);
+        }
+        let (c, u) = (parked.client.as_raw_fd(), parked.upstream.as_raw_fd());
+        let added = self.add(c, id).and_then(|()| {
+            self.add(u, id).inspect_err(|_| {
+                self.delete(c);
+            })
+        });
+        if let Err(e) = added {
+            tracing::debug!(error = %e, "tunnel not parked: epoll refused a socket");
+            return Err(parked);
+        }
+        table.next_id += 1;
+        let token = tunnels.tracker.token();
+        let Parked {
+            live,
+            client,
+            upstream,
+            progress,
+            takeovers,
+            hold,
+            zero_hop_state,
+            worker,
+        } = parked;
+        // Out of the worker's event loop (its readiness registrations are what parking
+        // saves). Deregistering cannot fail for a socket that is registered; if it did,
+        // that socket is closed already, and the tunnel is reset.
+        let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                drop(table);
+                tracing::error!(request_id = %live.request_id, "a tunnel could not leave its event loop to park, resetting it");
+                // The one that failed was closed (which left the epoll set too).
+                for s in [c.ok(), u.ok()].into_iter().flatten() {
+                    self.delete(s.as_raw_fd());
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                super::ebpf::abandon(&self.splicer, &progress);
+                closed_by_reset(tunnels, &live, takeovers, zero_hop_state);
+                drop((hold, token));
+                return Ok(());
+            }
+        };
+        let parked = Parked {
+            live,
+            client,
+            upstream,
+            progress,
+            takeovers,
+            hold,
+            zero_hop_state,
+            worker,
+        };
+        table.entries.insert(
+            id,
+            Entry {
+                parked,
+                _token: token,
+            },
+        );
+        Ok(())
+    }
+
+    fn add(&self, fd: RawFd, id: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: EVENTS,
+            u64: id,
+        };
+        // SAFETY: valid epoll and socket descriptors, an event valid for the call.
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.epoll.get_ref().as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd,
+                &mut event,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn delete(&self, fd: RawFd) {
+        // SAFETY: valid descriptors; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.epoll.get_ref().as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Wakes tunnels until the tunnels pause (takeover) or shut down; then wakes them all
+    /// and parks nothing more.
+    async fn run(self: Arc<Self>, tunnels: Tunnels) {
+        loop {
+            let woken = tokio::select! {
+                biased;
+                _ = tunnels.pause.cancelled() => None,
+                _ = tunnels.shutdown.cancelled() => None,
+                ids = self.splicer.live().woken_parked() => Some(ids),
+                ready = self.epoll.readable() => match ready {
+                    Ok(mut guard) => {
+                        let ids = self.ready_ids();
+                        guard.clear_ready();
+                        Some(ids)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "parked tunnels: waiting on epoll failed, waking every tunnel");
+                        None
+                    }
+                },
+            };
+            let closing = woken.is_none();
+            let entries: Vec<Entry> = {
+                let mut table = self.table.lock().unwrap();
+                match woken {
+                    Some(ids) => ids
+                        .iter()
+                        .filter_map(|id| table.entries.remove(id))
+                        .collect(),
+                    None => {
+                        table.closed = true;
+                        table.entries.drain().map(|(_, e)| e).collect()
+                    }
+                }
+            };
+            for entry in entries {
+                self.wake(entry, &tunnels);
+            }
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// Ids of the tunnels with a socket event (every event waiting).
+    fn ready_ids(&self) -> Vec<u64> {
+        let mut ids = Vec::new();
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        loop {
+            // SAFETY: a valid epoll descriptor and a buffer of 64 events.
+            let n = unsafe {
+                libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), 64, 0)
+            };
+            if n <= 0 {
+                return ids;
+            }
+            ids.extend(events[..n as usize].iter().map(|e| e.u64));
+            if (n as usize) < events.len() {
+                return ids;
+            }
+        }
+    }
+
+    /// Gives a parked tunnel its task again, on its worker.
+    fn wake(&self, entry: Entry, tunnels: &Tunnels) {
+        let Entry { parked, _token } = entry;
+        self.delete(parked.client.as_raw_fd());
+        self.delete(parked.upstream.as_raw_fd());
+        let Parked {
+            live,
+            client,
+            upstream,
+            progress,
+            takeovers,
+            hold,
+            zero_hop_state,
+            worker,
+        } = parked;
+        let label = format!("tunnel {}", live.request_id);
+        let tracker = tunnels.tracker.clone();
+        let tunnels = tunnels.clone();
+        let splicer = self.splicer.clone();
+        let task = async move {
+            let Some((client, upstream)) = register(client, upstream) else {
+                // The sockets were closed with a reset (`register`): the kernel's bytes
+                // still in flight can never look delivered.
+                tracing::error!(
+                    request_id = %live.request_id,
+                    "a parked tunnel could not get its task back (event-loop registration failed), resetting it"
+                );
+                super::ebpf::abandon(&splicer, &progress);
+                closed_by_reset(&tunnels, &live, takeovers, zero_hop_state);
+                return;
+            };
+            let running = Running {
+                live,
+                client,
+                upstream,
+                progress: *progress,
+                takeovers,
+                start: Start::Unparked { zero_hop_state },
+                zero_hop: None,
+                hold,
+            };
+            run(&tunnels, running).await;
+        };
+        // Tracked before the token goes: a drain never sees the tunnel missing.
+        let task = tracker.track_future(crate::panic::contained(label.as_bytes(), task));
+        worker.spawn(task);
+    }
+}
+
+/// The closing line of a tunnel reset because it could not move between the parker and
+/// an event loop.
+fn closed_by_reset(tunnels: &Tunnels, live: &LiveTunnel, takeovers: u32, zero_hop: &str) {
+    let end = super::RelayEnd::Reset(io::ErrorKind::Other);
+    super::log_closed(
+        &tunnels.registry,
+        live,
+        &tunnels.relay,
+        &end,
+        takeovers,
+        zero_hop,
+    );
+}
+
+/// Registers a woken tunnel's sockets with the current worker's event loop. On failure
+/// both are closed with a reset (set before the attempt: a failed registration closes
+/// the socket it consumed).
+fn register(
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+) -> Option<(tokio::net::TcpStream, tokio::net::TcpStream)> {
+    for s in [&client, &upstream] {
+        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    }
+    let client = tokio::net::TcpStream::from_std(client);
+    let upstream = tokio::net::TcpStream::from_std(upstream);
+    let (Ok(client), Ok(upstream)) = (client, upstream) else {
+        return None;
+    };
+    for s in [&client, &upstream] {
+        let _ = socket2::SockRef::from(s).set_linger(None);
+    }
+    Some((client, upstream))
+}
