@@ -82,7 +82,7 @@ pub struct Args {
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_SPLICE", value_enum, default_value_t = SpliceMode::Auto)]
     pub splice: SpliceMode,
 
-    /// Fast path: most bytes one tunnel direction may have queued inside the kernel (memory no socket is charged for). A direction that reaches half of it (a slow reader, a bulk burst) is taken out of the kernel, the other half being room for what arrives meanwhile, and relayed with splice(2) for the rest of the tunnel, where TCP's own flow control bounds it.
+    /// Fast path: bytes one tunnel direction may have queued inside the kernel (memory no socket is charged for). A direction that reaches half of it (a slow reader, a bulk burst) is taken out of the kernel and relayed with splice(2) for the rest of the tunnel, where TCP's own flow control bounds it. What arrives while it is taken out comes on top: the other half, and at loopback line rate up to a few MiB more (docs/fastpath.md).
     #[arg(long, global = true, env = "PROJECT_INGRESS_PROXY_EBPF_BUDGET", default_value_t = crate::tunnel::ebpf::DEFAULT_BUDGET, value_parser = clap::value_parser!(u32).range(64 * 1024..))]
     pub ebpf_budget: u32,
 

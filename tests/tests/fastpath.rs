@@ -259,7 +259,8 @@ async fn leftover_and_queued_bytes() {
 
 async fn slow_reader(client_slow: bool) {
     let _heavy = MEMORY_HEAVY.lock().await;
-    let rig = Rig::start(&mode()).await;
+    // Its kernel-queue bound depends on how fast the daemon reacts: no other test's load.
+    let rig = Rig::start_alone(&mode()).await;
     let upstream = Upstream::start(&rig);
     let total = 512 * MIB;
     let stall = 3000;
@@ -306,9 +307,16 @@ async fn slow_reader(client_slow: bool) {
     );
     if mode() == "ebpf" {
         // The kernel's own count: the most bytes queued in a psock at once (memory no
-        // socket is charged for) stays near the 2 MiB budget. The verdict keeps
-        // redirecting between its over-budget event and the daemon taking the socket
-        // out of the map; that overshoot is allowed 2 MiB more.
+        // socket is charged for). The verdict asks for the hand-off at half the 2 MiB
+        // budget and keeps redirecting until the daemon has taken the socket out of the
+        // map: the walk of the TCP tables (0.2-1.2 ms here), and a parser pass running
+        // meanwhile moves whatever the source's receive queue holds before the walk can
+        // take its lock. At this test's loopback line rate (about 2.7 GB/s) that put the
+        // peak at 1.1-4.3 MB on an idle machine (the daemon before parked tunnels
+        // passed 4 MiB in 1 of 8 runs, this one too) and 5.6 MB once in a suite run.
+        // Bounded, not tight: allowed 8 MiB (4 budgets); without the budget it was
+        // gigabytes. The peak itself is measured by `cargo xtask measure
+        // stalled-memory` (docs/fastpath.md, finding 6).
         let line = rig
             .wait_log("tunnel closed", 0)
             .await
@@ -319,7 +327,7 @@ async fn slow_reader(client_slow: bool) {
         eprintln!(
             "slow reader: kernel queue peak {peak} bytes, {in_kernel} bytes moved in the kernel"
         );
-        assert!(peak <= 4 * MIB, "kernel queued {peak} bytes for one socket");
+        assert!(peak <= 8 * MIB, "kernel queued {peak} bytes for one socket");
         assert!(
             in_kernel < total,
             "a stalled reader must move the direction out of the kernel ({in_kernel} bytes stayed in it)"

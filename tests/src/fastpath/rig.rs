@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::task::JoinHandle;
 
 use super::Result;
@@ -24,6 +25,20 @@ pub struct Rig {
     expected: Mutex<HashMap<String, (u64, u64)>>,
     /// This test provokes kernel-side loss on purpose.
     pub allow_kernel_loss: bool,
+    /// Last: released once the daemon is gone.
+    _turn: Turn,
+}
+
+/// Which tests of the binary may run beside this one. A bound that the daemon's reaction
+/// time decides (the slow-reader tests' kernel queue peak: what arrives between the
+/// verdict's request and the hand-off) is checked with the machine to itself: on these 2
+/// CPUs the other tests' load would decide it, not the daemon. The same bound under load
+/// is measured, not asserted (`cargo xtask measure stalled-memory`).
+static TURNS: RwLock<()> = RwLock::const_new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
 }
 
 impl Drop for Rig {
@@ -130,6 +145,21 @@ impl Rig {
     /// The daemon with `args` and extra environment; with `--splice ebpf`, the start line
     /// must report the in-kernel fast path.
     pub async fn start_with(args: &[&str], env: &[(&str, &str)]) -> Rig {
+        Self::start_turn(args, env, false).await
+    }
+
+    /// [`start`](Self::start), once no other test of the binary runs, and none starts
+    /// until this rig is dropped (see [`TURNS`]).
+    pub async fn start_alone(splice: &str) -> Rig {
+        Self::start_turn(&["--splice", splice], &[], true).await
+    }
+
+    async fn start_turn(args: &[&str], env: &[(&str, &str)], alone: bool) -> Rig {
+        let turn = if alone {
+            Turn::Alone(TURNS.write().await)
+        } else {
+            Turn::Shared(TURNS.read().await)
+        };
         let splice = args
             .iter()
             .skip_while(|a| **a != "--splice")
@@ -151,6 +181,7 @@ impl Rig {
             echo,
             expected: Mutex::new(HashMap::new()),
             allow_kernel_loss: false,
+            _turn: turn,
         };
         // The harness returns once the listener answers; the start line follows the bind.
         let Some(start) = rig.wait_log("project-ingress-proxy started", 0).await else {
