@@ -61,20 +61,26 @@ impl Setup {
     /// A GET on the daemon's admin interface (its default address), from inside the
     /// machine namespace: (status, body).
     pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        use tokio::io::AsyncWriteExt;
-        let mut c = self.topo.machine.connect(ADMIN.parse()?).await?;
-        c.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let answer = client::read_until_close(&mut c, std::time::Duration::from_secs(3)).await;
-        let status = answer.get(9..12).unwrap_or("0").parse()?;
-        let body = answer
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Ok((status, body))
+        admin_get(&self.topo, path).await
     }
+}
+
+/// A GET on the daemon's admin interface (its default address), from inside the machine
+/// namespace of `topo`: (status, body).
+pub async fn admin_get(topo: &Topology, path: &str) -> Result<(u16, String)> {
+    use tokio::io::AsyncWriteExt;
+    let mut c = topo.machine.connect(ADMIN.parse()?).await?;
+    c.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let answer = client::read_until_close(&mut c, std::time::Duration::from_secs(3)).await;
+    let status = answer.get(9..12).unwrap_or("0").parse()?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// The daemon's default admin address (loopback of the machine namespace).

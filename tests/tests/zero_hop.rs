@@ -944,6 +944,18 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
         held <= 2 * TUNNELS + 8,
         "{TUNNELS} idle tunnels hold {held} descriptors (2 per tunnel expected)"
     );
+    // And no task: each waits parked (docs/fastpath.md, parked tunnels) until its
+    // client's bytes end it; the echoes below go through the kernel and zero-hop without
+    // waking it.
+    let parked = || async {
+        let (_, body) = tests::admin_get(&rig.topo, "/metrics").await.unwrap();
+        tests::metric(&body, "project_ingress_proxy_tunnels_parked")
+    };
+    assert_eq!(
+        parked().await,
+        Some(TUNNELS as f64),
+        "idle zero-hop tunnels parked"
+    );
     let mut tasks = Vec::new();
     for (i, (s, first)) in open.into_iter().enumerate() {
         let i = i as u64;

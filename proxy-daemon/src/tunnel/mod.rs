@@ -507,6 +507,7 @@ async fn run(tunnels: &Tunnels, r: Running) {
             progress: Box::new(progress),
             takeovers,
             hold,
+            zero_hop: zero_hop.take(),
             zero_hop_state,
             worker: tokio::runtime::Handle::current(),
         };
@@ -515,12 +516,13 @@ async fn run(tunnels: &Tunnels, r: Running) {
         };
         // It could not wait there (a hand-off came first, a takeover began): this task
         // continues it.
-        (live, client, upstream, progress, hold) = (
+        (live, client, upstream, progress, hold, zero_hop) = (
             back.live,
             back.client,
             back.upstream,
             *back.progress,
             back.hold,
+            back.zero_hop,
         );
         start = Start::Unparked { zero_hop_state };
     };
@@ -576,6 +578,18 @@ fn relay_future<'a>(
         Start::Unparked { .. } => Some(ebpf::Resume::Unparked),
     };
     if let Some(how) = how {
+        // A paired zero-hop tunnel woken from the parker continues as one.
+        if let Some(registration) = zero_hop.registration.as_ref().filter(|r| r.paired()) {
+            return Box::pin(relay_zero_hop(
+                relay,
+                registration,
+                client,
+                upstream,
+                counters,
+                progress,
+                ZeroHopRelay::Resume(how),
+            ));
+        }
         return Box::pin(resume_relay(
             relay, client, upstream, counters, progress, how,
         ));
@@ -598,6 +612,7 @@ fn relay_future<'a>(
                 upstream,
                 counters,
                 progress,
+                ZeroHopRelay::Start { park },
             ));
             return relay.await;
         }
@@ -696,6 +711,14 @@ fn pair<'a>(
     }
 }
 
+/// How a paired zero-hop tunnel's relay starts.
+enum ZeroHopRelay {
+    /// Just paired; `park` as in [`ebpf::relay`].
+    Start { park: bool },
+    /// Woken from the parker.
+    Resume(ebpf::Resume),
+}
+
 /// A paired zero-hop tunnel: app → client is the kernel's redirects plus
 /// [`zero_hop::app_to_client`] for what takes the normal hop; client → app uses the
 /// configured relay for that direction alone.
@@ -706,6 +729,7 @@ async fn relay_zero_hop(
     upstream: &TcpStream,
     counters: &TunnelCounters,
     progress: &Progress,
+    how: ZeroHopRelay,
 ) -> RelayEnd {
     // From here on app → client continues as a splice(2) relay wherever it stops (a
     // takeover hands it over on that path).
@@ -720,7 +744,14 @@ async fn relay_zero_hop(
     let (up, up_progress) = (&counters.client_to_upstream, &progress.client_to_upstream);
     let both = match relay {
         Relay::Ebpf(splicer) => {
-            return ebpf::relay_up(splicer, client, upstream, counters, progress, down).await
+            return match how {
+                ZeroHopRelay::Start { park } => {
+                    ebpf::relay_up(splicer, client, upstream, counters, progress, down, park).await
+                }
+                ZeroHopRelay::Resume(how) => {
+                    ebpf::resume_up(splicer, client, upstream, counters, progress, how, down).await
+                }
+            };
         }
         Relay::Copy => tokio::try_join!(copy::one_way(client, upstream, up, up_progress), down),
         Relay::Splice => {

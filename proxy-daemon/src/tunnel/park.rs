@@ -39,6 +39,9 @@ pub(super) struct Parked<S> {
     pub takeovers: u32,
     /// Its descriptors in the capacity budget.
     pub hold: Fds,
+    /// A paired zero-hop tunnel's registration: its upstream socket is watched for the
+    /// normal hop's bytes too.
+    pub zero_hop: Option<super::zero_hop::Registration>,
     /// What its closing line says of zero-hop.
     pub zero_hop_state: &'static str,
     /// The worker it runs on again.
@@ -53,7 +56,9 @@ struct Entry {
 }
 
 struct Table {
-    entries: HashMap<u64, Entry>,
+    /// Boxed: a map bucket is 16 bytes, not the entry's 160 (the map keeps up to twice
+    /// the buckets it needs).
+    entries: HashMap<u64, Box<Entry>>,
     next_id: u64,
     /// A takeover or shutdown began: nothing parks any more.
     closed: bool,
@@ -128,8 +133,13 @@ impl Parker {
             return Err(parked);
         }
         let (c, u) = (parked.client.as_raw_fd(), parked.upstream.as_raw_fd());
-        let added = self.add(c, id).and_then(|()| {
-            self.add(u, id).inspect_err(|_| {
+        // A zero-hop tunnel's app → client direction waits for bytes on its normal hop.
+        let upstream_events = match parked.zero_hop {
+            Some(_) => EVENTS | libc::EPOLLIN as u32,
+            None => EVENTS,
+        };
+        let added = self.add(c, id, EVENTS).and_then(|()| {
+            self.add(u, id, upstream_events).inspect_err(|_| {
                 self.delete(c);
             })
         });
@@ -146,6 +156,7 @@ impl Parker {
             progress,
             takeovers,
             hold,
+            zero_hop,
             zero_hop_state,
             worker,
         } = parked;
@@ -175,24 +186,22 @@ impl Parker {
             progress,
             takeovers,
             hold,
+            zero_hop,
             zero_hop_state,
             worker,
         };
         table.entries.insert(
             id,
-            Entry {
+            Box::new(Entry {
                 parked,
                 _token: token,
-            },
+            }),
         );
         Ok(())
     }
 
-    fn add(&self, fd: RawFd, id: u64) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: EVENTS,
-            u64: id,
-        };
+    fn add(&self, fd: RawFd, id: u64, events: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: id };
         // SAFETY: valid epoll and socket descriptors, an event valid for the call.
         let r = unsafe {
             libc::epoll_ctl(
@@ -242,7 +251,7 @@ impl Parker {
                 },
             };
             let closing = woken.is_none();
-            let entries: Vec<Entry> = {
+            let entries: Vec<Box<Entry>> = {
                 let mut table = self.table.lock().unwrap();
                 match woken {
                     Some(ids) => ids
@@ -256,7 +265,7 @@ impl Parker {
                 }
             };
             for entry in entries {
-                self.wake(entry, &tunnels);
+                self.wake(*entry, &tunnels);
             }
             if closing {
                 return;
@@ -295,6 +304,7 @@ impl Parker {
             progress,
             takeovers,
             hold,
+            zero_hop,
             zero_hop_state,
             worker,
         } = parked;
@@ -321,7 +331,7 @@ impl Parker {
                 progress: *progress,
                 takeovers,
                 start: Start::Unparked { zero_hop_state },
-                zero_hop: None,
+                zero_hop,
                 hold,
             };
             run(&tunnels, running).await;

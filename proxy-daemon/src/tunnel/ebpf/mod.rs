@@ -189,6 +189,7 @@ pub async fn relay_up(
     counters: &TunnelCounters,
     progress: &Progress,
     down: impl Future<Output = io::Result<()>>,
+    park: bool,
 ) -> RelayEnd {
     relay_with(
         splicer,
@@ -197,7 +198,7 @@ pub async fn relay_up(
         counters,
         progress,
         Some(down),
-        false,
+        park,
     )
     .await
 }
@@ -360,7 +361,7 @@ async fn relay_with(
             }
         }
     }
-    if park && parkable(&spliced) {
+    if park && parkable(&spliced, both_ways) {
         spliced.parking = true;
         return RelayEnd::Parked;
     }
@@ -371,10 +372,12 @@ async fn relay_with(
     ways.await
 }
 
-/// Both directions are in the kernel and neither was handed over: a task has nothing to
-/// do for this tunnel but wait.
-fn parkable(spliced: &Spliced<'_>) -> bool {
-    spliced.ways.len() == 2 && spliced.ways.iter().all(|w| w.in_kernel.load(Relaxed))
+/// Every direction it splices is in the kernel (both, or client → upstream of a
+/// zero-hop tunnel, whose other direction waits for its normal hop) and none was handed
+/// over: a task has nothing to do for this tunnel but wait.
+fn parkable(spliced: &Spliced<'_>, both_ways: bool) -> bool {
+    let ways = if both_ways { 2 } else { 1 };
+    spliced.ways.len() == ways && spliced.ways.iter().all(|w| w.in_kernel.load(Relaxed))
 }
 
 /// Where a tunnel that `resume` continues comes from.
@@ -397,6 +400,51 @@ pub async fn resume(
     counters: &TunnelCounters,
     progress: &Progress,
     how: Resume,
+) -> RelayEnd {
+    let no_override = None::<std::future::Pending<io::Result<()>>>;
+    resume_with(
+        splicer,
+        client,
+        upstream,
+        counters,
+        progress,
+        how,
+        no_override,
+    )
+    .await
+}
+
+/// A zero-hop tunnel woken from the parker: [`resume`] for client → upstream, `down`
+/// (see [`relay_up`]) for upstream → client.
+pub async fn resume_up(
+    splicer: &Splicer,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+    how: Resume,
+    down: impl Future<Output = io::Result<()>>,
+) -> RelayEnd {
+    resume_with(
+        splicer,
+        client,
+        upstream,
+        counters,
+        progress,
+        how,
+        Some(down),
+    )
+    .await
+}
+
+async fn resume_with(
+    splicer: &Splicer,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    counters: &TunnelCounters,
+    progress: &Progress,
+    how: Resume,
+    down: Option<impl Future<Output = io::Result<()>>>,
 ) -> RelayEnd {
     let mut spliced = Spliced {
         splicer,
@@ -460,19 +508,12 @@ pub async fn resume(
     }
     // A woken tunnel never parks again here: what woke it (an EOF, an error, a hand-off)
     // is for a task to handle.
-    if how == (Resume::Adopted { park: true }) && parkable(&spliced) {
+    if how == (Resume::Adopted { park: true }) && parkable(&spliced, down.is_none()) {
         spliced.parking = true;
         return RelayEnd::Parked;
     }
-    let no_override = None::<std::future::Pending<io::Result<()>>>;
     run_ways(
-        splicer,
-        &spliced,
-        client,
-        upstream,
-        counters,
-        progress,
-        no_override,
+        splicer, &spliced, client, upstream, counters, progress, down,
     )
     .await
 }

@@ -45,12 +45,23 @@ struct Watched {
     /// direction's delivered bytes are `stream_position(to) - to_base`.
     to: RawFd,
     to_base: u64,
-    /// Woken (with a stored permit) when the direction must leave the kernel.
-    handoff: Arc<Notify>,
+    /// Woken (with a stored permit) when the direction must leave the kernel. None while
+    /// its tunnel is parked (no task waits; `notified` says whether one must be woken).
+    handoff: Option<Arc<Notify>>,
     /// Woken already (an event came, or the ledger scan found it).
     notified: bool,
     /// Its tunnel is parked (`tunnel::park`) under this id: no task waits on `handoff`,
     /// so a hand-off also wakes the parker.
+    parked: Option<u64>,
+}
+
+/// A hand-off claimed: who to wake, and why.
+struct Claimed {
+    cookie: u64,
+    reason: u32,
+    /// The notifier of the task that waits for it (none while its tunnel is parked).
+    handoff: Option<Arc<Notify>>,
+    /// The parker's id of its tunnel, while parked.
     parked: Option<u64>,
 }
 
@@ -82,7 +93,7 @@ impl LiveDirections {
                 from,
                 to,
                 to_base,
-                handoff: handoff.clone(),
+                handoff: Some(handoff.clone()),
                 notified: false,
                 parked: None,
             },
@@ -104,6 +115,8 @@ impl LiveDirections {
         for c in cookies {
             if let Some(w) = dirs.get_mut(c) {
                 w.parked = Some(id);
+                // The task that waited on it is gone; `unpark` makes a new one.
+                w.handoff = None;
             }
         }
         true
@@ -115,7 +128,15 @@ impl LiveDirections {
         let mut dirs = self.dirs.lock().unwrap();
         let w = dirs.get_mut(&cookie)?;
         w.parked = None;
-        Some(w.handoff.clone())
+        let handoff = w.handoff.get_or_insert_with(|| {
+            let handoff = Arc::new(Notify::new());
+            if w.notified {
+                // Handed over while parked: its permit waits for the task.
+                handoff.notify_one();
+            }
+            handoff
+        });
+        Some(handoff.clone())
     }
 
     /// Waits until a hand-off wakes a parked tunnel, then returns the ids of those woken.
@@ -140,16 +161,20 @@ impl LiveDirections {
     }
 
     /// Claims the hand-off of each requested `(cookie, reason)` whose direction is
-    /// watched and was not handed over yet (once each); returns them with their notifiers
-    /// and the parker's id of those whose tunnel is parked.
-    fn claim(&self, requests: &[(u64, u32)]) -> Vec<(u64, u32, Arc<Notify>, Option<u64>)> {
+    /// watched and was not handed over yet (once each).
+    fn claim(&self, requests: &[(u64, u32)]) -> Vec<Claimed> {
         let mut dirs = self.dirs.lock().unwrap();
         requests
             .iter()
             .filter_map(|&(cookie, reason)| {
                 let w = dirs.get_mut(&cookie).filter(|w| !w.notified)?;
                 w.notified = true;
-                Some((cookie, reason, w.handoff.clone(), w.parked))
+                Some(Claimed {
+                    cookie,
+                    reason,
+                    handoff: w.handoff.clone(),
+                    parked: w.parked,
+                })
             })
             .collect()
     }
@@ -248,7 +273,7 @@ impl Shared {
         if claimed.is_empty() {
             return Vec::new();
         }
-        let claimed_cookies: Vec<u64> = claimed.iter().map(|&(c, ..)| c).collect();
+        let claimed_cookies: Vec<u64> = claimed.iter().map(|c| c.cookie).collect();
         let by_user_space = match &self.unsplicer {
             Some(u) => u.unsplice(&claimed_cookies),
             None => claimed_cookies.clone(),
@@ -263,9 +288,14 @@ impl Shared {
         // The direction is out of `SOCKS`: its tunnel may take it over now (a parked
         // tunnel once the parker gave it a task again).
         self.live
-            .wake_parked(claimed.iter().filter_map(|&(.., parked)| parked));
-        for (_, reason, handoff, _) in &claimed {
-            handoff.notify_one();
+            .wake_parked(claimed.iter().filter_map(|c| c.parked));
+        for Claimed {
+            reason, handoff, ..
+        } in &claimed
+        {
+            if let Some(handoff) = handoff {
+                handoff.notify_one();
+            }
             let counter = if *reason == HANDOFF_DIRECTION_BUDGET {
                 &self.stats.handoffs_direction_budget
             } else {
