@@ -2,8 +2,8 @@
 //! the daemon until a direction ends (FIN), fails (reset, keepalive timeout) or is
 //! handed over (over budget). Such a tunnel gives up its task and its sockets' event-loop
 //! registrations and waits here as a plain entry: both sockets in one epoll set of the
-//! parker's own (FIN, error and hang-up only), its hand-offs through the fast path's
-//! watch list. The first of those events gives it a task again on the worker it came
+//! parker's own (FIN, error and hang-up only; a zero-hop tunnel's upstream socket also
+//! for the bytes of its normal hop), its hand-offs through the fast path's watch list. The first of those events gives it a task again on the worker it came
 //! from, which continues exactly where it stood (`ebpf::resume`, `Resume::Unparked`).
 //!
 //! Why: an idle tunnel used to keep a task with the futures of both directions, two
@@ -64,6 +64,8 @@ struct Table {
     closed: bool,
 }
 
+/// Where parked tunnels wait: one per daemon with the fast path, its loop a task of the
+/// main runtime.
 pub(super) struct Parker {
     epoll: AsyncFd<OwnedFd>,
     table: Mutex<Table>,
