@@ -529,7 +529,11 @@ async fn run(tunnels: &Tunnels, r: Running) {
     let counters = &live.counters;
     let Some(end) = end else {
         // Stopped at an await point: `progress` says where each direction stands. The
-        // fast-path entries stay in the maps for the successor.
+        // fast-path entries stay in the maps for the successor; this process stops
+        // watching them (a relay that ran did already).
+        if let Some(splicer) = relay.splicer() {
+            ebpf::stop_watching(splicer, &progress);
+        }
         // A zero-hop tunnel goes back to the normal hop first: the successor relays
         // it as an ordinary splice(2) direction (docs/zero-hop.md, Takeover).
         end_zero_hop(zero_hop, counters);

@@ -130,7 +130,10 @@ impl Parker {
         .iter()
         .filter_map(|w| w.kernel().map(|k| k.cookie))
         .collect();
+        // Never reused, even when this attempt fails: a hand-off for this tunnel must not
+        // wake another.
         let id = table.next_id;
+        table.next_id += 1;
         if !self.splicer.live().park(&cookies, id) {
             return Err(parked);
         }
@@ -149,7 +152,6 @@ impl Parker {
             tracing::debug!(error = %e, "tunnel not parked: epoll refused a socket");
             return Err(parked);
         }
-        table.next_id += 1;
         let token = tunnels.tracker.token();
         let Parked {
             live,
@@ -175,7 +177,8 @@ impl Parker {
                     self.delete(s.as_raw_fd());
                     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                 }
-                super::ebpf::abandon(&self.splicer, &progress);
+                super::ebpf::abandon(&self.splicer, &progress, &live.counters);
+                super::end_zero_hop(zero_hop, &live.counters);
                 closed_by_reset(tunnels, &live, takeovers, zero_hop_state);
                 drop((hold, token));
                 return Ok(());
@@ -315,16 +318,22 @@ impl Parker {
         let tunnels = tunnels.clone();
         let splicer = self.splicer.clone();
         let task = async move {
-            let Some((client, upstream)) = register(client, upstream) else {
-                // The sockets were closed with a reset (`register`): the kernel's bytes
-                // still in flight can never look delivered.
-                tracing::error!(
-                    request_id = %live.request_id,
-                    "a parked tunnel could not get its task back (event-loop registration failed), resetting it"
-                );
-                super::ebpf::abandon(&splicer, &progress);
-                closed_by_reset(&tunnels, &live, takeovers, zero_hop_state);
-                return;
+            let (client, upstream) = match register(client, upstream) {
+                Ok(sockets) => sockets,
+                Err(spares) => {
+                    tracing::error!(
+                        request_id = %live.request_id,
+                        "a parked tunnel could not get its task back (event-loop registration failed), resetting it"
+                    );
+                    // Its kernel state goes while the sockets are still open (the hand-off
+                    // thread uses their descriptors until then), then the last handles
+                    // close them with a reset: bytes in flight never look delivered.
+                    super::ebpf::abandon(&splicer, &progress, &live.counters);
+                    super::end_zero_hop(zero_hop, &live.counters);
+                    closed_by_reset(&tunnels, &live, takeovers, zero_hop_state);
+                    drop(spares);
+                    return;
+                }
             };
             let running = Running {
                 live,
@@ -359,22 +368,33 @@ fn closed_by_reset(tunnels: &Tunnels, live: &LiveTunnel, takeovers: u32, zero_ho
 }
 
 /// Registers a woken tunnel's sockets with the current worker's event loop. On failure
+/// returns spare handles (dups) of both sockets, set to close with a reset: a failed
+/// registration closes the socket it was given. (Dups, not setting the linger before: a
+/// socket option takes the owner lock of a socket the kernel may still be splicing,
+/// which moves its parser passes to a workqueue, `sys::rdhup`.)
 /// both are closed with a reset (set before the attempt: a failed registration closes
 /// the socket it consumed).
 fn register(
     client: std::net::TcpStream,
     upstream: std::net::TcpStream,
-) -> Option<(tokio::net::TcpStream, tokio::net::TcpStream)> {
-    for s in [&client, &upstream] {
-        let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+) -> Result<(tokio::net::TcpStream, tokio::net::TcpStream), Vec<std::net::TcpStream>> {
+    let spares: Vec<std::net::TcpStream> = [&client, &upstream]
+        .iter()
+        .filter_map(|s| s.try_clone().ok())
+        .collect();
+    match (
+        tokio::net::TcpStream::from_std(client),
+        tokio::net::TcpStream::from_std(upstream),
+    ) {
+        // The spares close here: only dups, the sockets stay open.
+        (Ok(client), Ok(upstream)) => Ok((client, upstream)),
+        (client, upstream) => {
+            for s in &spares {
+                let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+            }
+            // A socket that did register closes when this returns; its spare resets it.
+            drop((client, upstream));
+            Err(spares)
+        }
     }
-    let client = tokio::net::TcpStream::from_std(client);
-    let upstream = tokio::net::TcpStream::from_std(upstream);
-    let (Ok(client), Ok(upstream)) = (client, upstream) else {
-        return None;
-    };
-    for s in [&client, &upstream] {
-        let _ = socket2::SockRef::from(s).set_linger(None);
-    }
-    Some((client, upstream))
 }

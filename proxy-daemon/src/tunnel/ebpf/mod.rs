@@ -389,6 +389,17 @@ pub enum Resume {
     Unparked,
 }
 
+/// A tunnel paused for a takeover before its relay ran again (woken from the parker for
+/// the pause): its directions leave this process's watch list, as a running relay's
+/// guard does, so the hand-off thread no longer acts on them (the successor's does).
+pub fn stop_watching(splicer: &Splicer, progress: &Progress) {
+    for w in [&progress.client_to_upstream, &progress.upstream_to_client] {
+        if let Some(k) = w.kernel() {
+            splicer.live.forget(k.cookie);
+        }
+    }
+}
+
 /// Continues a tunnel adopted from the daemon taken over (`takeover`), or woken from the
 /// parker: its directions in the kernel stay there (their sockets never left the maps;
 /// the hand-off thread of this process watches them), the others continue in userspace
@@ -771,12 +782,17 @@ async fn wait_delivered(to: &TcpStream, base: u64, redirected: u64) -> io::Resul
 /// A parked tunnel that cannot get a task again (its sockets could not be registered
 /// with an event loop): its kernel state goes as when a tunnel ends; the caller resets
 /// its sockets, so no byte the kernel still held can look delivered.
-pub fn abandon(splicer: &Splicer, progress: &Progress) {
+pub fn abandon(splicer: &Splicer, progress: &Progress, counters: &TunnelCounters) {
     let ways = [&progress.client_to_upstream, &progress.upstream_to_client];
     for k in ways.iter().filter_map(|w| w.kernel()) {
         splicer.unsplice_source(k.cookie);
         splicer.live.forget(k.cookie);
         splicer.accounting.settle_all(k.slot);
+        // The verdict's losses still reach the closing line and the totals.
+        if let Some(dir) = splicer.direction(k.cookie) {
+            counters.kernel_dropped.fetch_add(dir.dropped, Relaxed);
+            splicer.stats.kernel_dropped.fetch_add(dir.dropped, Relaxed);
+        }
         splicer.remove(k.cookie, Some(k.slot));
     }
     for c in progress.targets() {
