@@ -501,29 +501,26 @@ async fn run(tunnels: &Tunnels, r: Running) {
             unreachable!("a relay parks only when there is a parker")
         };
         let parked = park::Parked {
-            live,
             client,
             upstream,
-            progress: Box::new(progress),
-            takeovers,
-            hold,
-            zero_hop: zero_hop.take(),
-            zero_hop_state,
-            worker: tokio::runtime::Handle::current(),
+            tunnel: park::Waiting {
+                live,
+                progress: Box::new(progress),
+                takeovers,
+                hold,
+                zero_hop: zero_hop.take(),
+                zero_hop_state,
+                worker: tokio::runtime::Handle::current(),
+            },
         };
         let Err(back) = parker.park(parked, tunnels) else {
             return;
         };
         // It could not wait there (a hand-off came first, a takeover began): this task
         // continues it.
-        (live, client, upstream, progress, hold, zero_hop) = (
-            back.live,
-            back.client,
-            back.upstream,
-            *back.progress,
-            back.hold,
-            back.zero_hop,
-        );
+        let t = back.tunnel;
+        (client, upstream) = (back.client, back.upstream);
+        (live, progress, hold, zero_hop) = (t.live, *t.progress, t.hold, t.zero_hop);
         start = Start::Unparked { zero_hop_state };
     };
     let counters = &live.counters;

@@ -29,12 +29,17 @@ use super::registry::LiveTunnel;
 use super::{run, Running, Start, Tunnels};
 use crate::limits::Fds;
 
-/// What a parked tunnel keeps: its sockets `S` are tokio's while it has a task, plain
-/// ones (no event-loop registration) while parked.
+/// A tunnel on its way into or out of the parker: its sockets `S` are tokio's while it
+/// has a task, plain ones (no event-loop registration) while parked.
 pub(super) struct Parked<S> {
-    pub live: Arc<LiveTunnel>,
     pub client: S,
     pub upstream: S,
+    pub tunnel: Waiting,
+}
+
+/// Everything else a parked tunnel keeps.
+pub(super) struct Waiting {
+    pub live: Arc<LiveTunnel>,
     pub progress: Box<Progress>,
     pub takeovers: u32,
     /// Its descriptors in the capacity budget.
@@ -46,6 +51,27 @@ pub(super) struct Parked<S> {
     pub zero_hop_state: &'static str,
     /// The worker it runs on again.
     pub worker: Handle,
+}
+
+impl Waiting {
+    /// Ends a tunnel that cannot move between the parker and an event loop: its kernel
+    /// state goes (while its sockets are still open: the hand-off thread uses their
+    /// descriptors until then), then its closing line; the caller's last handles of the
+    /// sockets close them with a reset, so bytes in flight never look delivered.
+    fn reset(self, splicer: &Splicer, tunnels: &Tunnels) {
+        let counters = &self.live.counters;
+        super::ebpf::abandon(splicer, &self.progress, counters);
+        super::end_zero_hop(self.zero_hop, counters);
+        let end = super::RelayEnd::Reset(io::ErrorKind::Other);
+        super::log_closed(
+            &tunnels.registry,
+            &self.live,
+            &tunnels.relay,
+            &end,
+            self.takeovers,
+            self.zero_hop_state,
+        );
+    }
 }
 
 /// A parked tunnel with what keeps the daemon's drain waiting for it.
@@ -123,13 +149,11 @@ impl Parker {
         if table.closed {
             return Err(parked);
         }
-        let cookies: Vec<u64> = [
-            &parked.progress.client_to_upstream,
-            &parked.progress.upstream_to_client,
-        ]
-        .iter()
-        .filter_map(|w| w.kernel().map(|k| k.cookie))
-        .collect();
+        let progress = &parked.tunnel.progress;
+        let cookies: Vec<u64> = [&progress.client_to_upstream, &progress.upstream_to_client]
+            .iter()
+            .filter_map(|w| w.kernel().map(|k| k.cookie))
+            .collect();
         // Never reused, even when this attempt fails: a hand-off for this tunnel must not
         // wake another.
         let id = table.next_id;
@@ -139,7 +163,7 @@ impl Parker {
         }
         let (c, u) = (parked.client.as_raw_fd(), parked.upstream.as_raw_fd());
         // A zero-hop tunnel's app → client direction waits for bytes on its normal hop.
-        let upstream_events = match parked.zero_hop {
+        let upstream_events = match parked.tunnel.zero_hop {
             Some(_) => EVENTS | libc::EPOLLIN as u32,
             None => EVENTS,
         };
@@ -154,15 +178,9 @@ impl Parker {
         }
         let token = tunnels.tracker.token();
         let Parked {
-            live,
             client,
             upstream,
-            progress,
-            takeovers,
-            hold,
-            zero_hop,
-            zero_hop_state,
-            worker,
+            tunnel,
         } = parked;
         // Out of the worker's event loop (its readiness registrations are what parking
         // saves). Deregistering cannot fail for a socket that is registered; if it did,
@@ -171,29 +189,22 @@ impl Parker {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
                 drop(table);
-                tracing::error!(request_id = %live.request_id, "a tunnel could not leave its event loop to park, resetting it");
+                tracing::error!(request_id = %tunnel.live.request_id, "a tunnel could not leave its event loop to park, resetting it");
                 // The one that failed was closed (which left the epoll set too).
-                for s in [c.ok(), u.ok()].into_iter().flatten() {
+                let rest: Vec<_> = [c.ok(), u.ok()].into_iter().flatten().collect();
+                for s in &rest {
                     self.delete(s.as_raw_fd());
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
                 }
-                super::ebpf::abandon(&self.splicer, &progress, &live.counters);
-                super::end_zero_hop(zero_hop, &live.counters);
-                closed_by_reset(tunnels, &live, takeovers, zero_hop_state);
-                drop((hold, token));
+                tunnel.reset(&self.splicer, tunnels);
+                drop((rest, token));
                 return Ok(());
             }
         };
         let parked = Parked {
-            live,
             client,
             upstream,
-            progress,
-            takeovers,
-            hold,
-            zero_hop,
-            zero_hop_state,
-            worker,
+            tunnel,
         };
         table.entries.insert(
             id,
@@ -303,17 +314,12 @@ impl Parker {
         self.delete(parked.client.as_raw_fd());
         self.delete(parked.upstream.as_raw_fd());
         let Parked {
-            live,
             client,
             upstream,
-            progress,
-            takeovers,
-            hold,
-            zero_hop,
-            zero_hop_state,
-            worker,
+            tunnel,
         } = parked;
-        let label = format!("tunnel {}", live.request_id);
+        let label = format!("tunnel {}", tunnel.live.request_id);
+        let worker = tunnel.worker.clone();
         let tracker = tunnels.tracker.clone();
         let tunnels = tunnels.clone();
         let splicer = self.splicer.clone();
@@ -322,19 +328,23 @@ impl Parker {
                 Ok(sockets) => sockets,
                 Err(spares) => {
                     tracing::error!(
-                        request_id = %live.request_id,
+                        request_id = %tunnel.live.request_id,
                         "a parked tunnel could not get its task back (event-loop registration failed), resetting it"
                     );
-                    // Its kernel state goes while the sockets are still open (the hand-off
-                    // thread uses their descriptors until then), then the last handles
-                    // close them with a reset: bytes in flight never look delivered.
-                    super::ebpf::abandon(&splicer, &progress, &live.counters);
-                    super::end_zero_hop(zero_hop, &live.counters);
-                    closed_by_reset(&tunnels, &live, takeovers, zero_hop_state);
+                    tunnel.reset(&splicer, &tunnels);
                     drop(spares);
                     return;
                 }
             };
+            let Waiting {
+                live,
+                progress,
+                takeovers,
+                hold,
+                zero_hop,
+                zero_hop_state,
+                worker: _,
+            } = tunnel;
             let running = Running {
                 live,
                 client,
@@ -351,20 +361,6 @@ impl Parker {
         let task = tracker.track_future(crate::panic::contained(label.as_bytes(), task));
         worker.spawn(task);
     }
-}
-
-/// The closing line of a tunnel reset because it could not move between the parker and
-/// an event loop.
-fn closed_by_reset(tunnels: &Tunnels, live: &LiveTunnel, takeovers: u32, zero_hop: &str) {
-    let end = super::RelayEnd::Reset(io::ErrorKind::Other);
-    super::log_closed(
-        &tunnels.registry,
-        live,
-        &tunnels.relay,
-        &end,
-        takeovers,
-        zero_hop,
-    );
 }
 
 /// Registers a woken tunnel's sockets with the current worker's event loop. On failure
