@@ -342,6 +342,9 @@ impl Stall<'_> {
 /// Memory charged to the machine namespace's TCP sockets (receive queues, send queues and
 /// their reserves), from `ss -tm`.
 fn socket_memory(topo: &Topology) -> u64 {
+    // `ss` prints the kernel's signed counters unsigned: a forward-allocated reserve that
+    // is briefly negative (the kernel lets `sk_forward_alloc` go below 0 between
+    // reclaims) reads as about 4 GiB. Each field is read back as the `int` it is.
     let out = topo
         .machine
         .command("ss")
@@ -349,21 +352,21 @@ fn socket_memory(topo: &Topology) -> u64 {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let mut total = 0;
+    let mut total: i64 = 0;
     for part in out.split("skmem:(").skip(1) {
         let fields = part.split(')').next().unwrap_or("");
         for f in fields.split(',') {
             // r: receive queue, w: send queue, f: forward-allocated reserve.
             for prefix in ["r", "w", "f"] {
                 if let Some(v) = f.strip_prefix(prefix) {
-                    if let Ok(v) = v.parse::<u64>() {
-                        total += v;
+                    if let Ok(v) = v.parse::<u32>() {
+                        total += i64::from(v as i32);
                     }
                 }
             }
         }
     }
-    total
+    total.max(0) as u64
 }
 
 /// The client side of one scenario against one app, raw or WebSocket.
