@@ -12,6 +12,12 @@ CPU: the processes' own CPU time (client + app + the daemon under test, user + s
 softirq work done in their context included), per GB; the machine-wide /proc/stat figure
 is printed too but is only meaningful on an otherwise idle machine.
 Prints one JSON line per run and a median table at the end.
+
+Filters: ZHM_SCENARIOS / ZHM_SYSTEMS (comma-separated names as in the tables below);
+ZHM_OLD_DAEMON=PATH adds another build as "daemon zero-hop (old)" for an A/B in one run;
+ZHM_LOG sets the daemons' RUST_LOG (`warn,proxy_daemon::tunnel=debug` logs each tunnel's
+zero-hop counters: redirected and passed bytes, why messages passed). The daemons run with
+`--admin-listen off` (several daemons share the namespace).
 """
 import json
 import os
@@ -34,10 +40,17 @@ SYSTEMS = {
     "daemon zero-hop": (8102, ["--splice", "ebpf", "--zero-hop", "on"]),
     "daemon userspace": (8103, ["--splice", "off", "--zero-hop", "off"]),
 }
+# A/B against another build: ZHM_OLD_DAEMON=/path/to/project-ingress-proxy adds it as
+# "daemon zero-hop (old)".
+if os.environ.get("ZHM_OLD_DAEMON"):
+    SYSTEMS["daemon zero-hop (old)"] = (8104, ["--splice", "ebpf", "--zero-hop", "on"])
 SCENARIOS = {
     "app→client": ["source", "3", str(GIB)],
     "client→app": ["sink", "4", str(GIB)],
     "both ways": ["both", "5", str(GIB // 2), "6", str(GIB // 2)],
+    # The client stops reading for 2 s after 64 MiB: how soon do the app's sends come
+    # back to zero-hop (the daemon's closing line counts them)?
+    "app→client stalled": ["source", "7", str(GIB), str(64 << 20), "2000"],
     "echo 64 B": ["echo", "20000", "64"],
 }
 
@@ -96,9 +109,10 @@ def main():
         for name, spec in SYSTEMS.items():
             if spec:
                 port, args = spec
+                binary = os.environ["ZHM_OLD_DAEMON"] if name.endswith("(old)") else DAEMON
                 p = subprocess.Popen(
-                    enter(M, DAEMON, "--listen", "0.0.0.0:%d" % port, "--log-format", "json", *args),
-                    env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL,
+                    enter(M, binary, "--listen", "0.0.0.0:%d" % port, "--log-format", "json", "--admin-listen", "off", *args),
+                    env=dict(os.environ, RUST_LOG=os.environ.get("ZHM_LOG", "warn")), stdout=subprocess.DEVNULL,
                     stderr=open("/tmp/zhm-%d.log" % port, "w"))
                 procs.append(p)
                 pids[name] = p.pid
@@ -106,7 +120,11 @@ def main():
         results = {}
         for r in range(rounds):
             for scen, cargs in SCENARIOS.items():
+                if os.environ.get("ZHM_SCENARIOS") and scen not in os.environ["ZHM_SCENARIOS"].split(","):
+                    continue
                 for name, spec in SYSTEMS.items():
+                    if os.environ.get("ZHM_SYSTEMS") and name not in os.environ["ZHM_SYSTEMS"].split(","):
+                        continue
                     addr = "%s:%d" % (MIP, spec[0] if spec else 9100)
                     e = dict(os.environ, TARGET="localhost:9100")
                     t0 = busy_ticks()
@@ -119,7 +137,7 @@ def main():
                     try:
                         res = json.loads(out.stdout.strip().splitlines()[-1])
                     except (ValueError, IndexError):
-                        res = {"ok": False, "error": out.stderr[-300:]}
+                        res = {"ok": False, "error": out.stderr[:1500]}
                     if "bytes" in res:
                         gb = res["bytes"] / 1e9
                         res["machine_cpu_s_per_gb"] = ticks / os.sysconf("SC_CLK_TCK") / gb
