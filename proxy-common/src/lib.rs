@@ -173,6 +173,9 @@ pub const ZH_CLIENT_SOCKS_MAP: &str = "ZH_CLIENT_SOCKS";
 pub const ZH_NETNS_COOKIE_GLOBAL: &str = "ZH_NETNS_COOKIE";
 /// Name of the read-only global the loader sets to the daemon's listening port.
 pub const ZH_LISTEN_PORT_GLOBAL: &str = "ZH_LISTEN_PORT";
+/// Name of the read-only global the loader sets to the `TCP_NOTSENT_LOWAT` the capture
+/// program gives a captured app socket (0: leave it alone).
+pub const ZH_APP_NOTSENT_LOWAT_GLOBAL: &str = "ZH_APP_NOTSENT_LOWAT";
 /// Name of the read-only global the loader sets to `offsetof(struct sock, sk_sndbuf)`.
 pub const SNDBUF_OFFSET_GLOBAL: &str = "SOCK_SNDBUF_OFFSET";
 /// Name of the read-only global the loader sets to `offsetof(struct sock, sk_wmem_queued)`.
@@ -226,6 +229,8 @@ pub const ZH_APP_NONBLOCKING: u32 = 4;
 /// capture program took the socket out of `ZH_APPS` at once (a blocking `recv()` on a
 /// socket in a sockmap can fail with EAGAIN on this kernel; docs/zero-hop.md).
 pub const ZH_APP_BLOCKING: u32 = 8;
+/// `ZeroHopStats::flags`: the capture program set the app socket's `TCP_NOTSENT_LOWAT`.
+pub const ZH_APP_LOWAT: u32 = 16;
 
 /// What the programs saw and did for one tunnel. Written only by the programs (the
 /// `sk_msg` runs under the app socket's lock, so one at a time per tunnel).

@@ -4,7 +4,10 @@
 //! - `zero_hop_capture` (cgroup `sock_ops`): when an app accepts the connection the daemon
 //!   registered (the daemon binds its upstream socket U to 127.0.0.1:0, writes that port
 //!   P into `ZH_TUNNELS`, then connects), it puts the app's socket A into `ZH_APPS` under
-//!   P. Nothing else is touched: every other socket returns at the first comparison.
+//!   P and gives A a `TCP_NOTSENT_LOWAT` (the loader's `ZH_APP_NOTSENT_LOWAT`): while the
+//!   app's bytes take the normal hop it then pauses after a few KiB instead of megabytes,
+//!   so the hop drains and redirects resume sooner. Nothing else is touched: every other
+//!   socket returns at the first comparison.
 //! - `zero_hop_send` (`sk_msg`, on `ZH_APPS`): runs inside the app's `sendmsg`, with A's
 //!   lock held, once per message. It redirects the message into the client socket D's
 //!   send queue only when that is sure to go through whole: D is in a sending state and
@@ -52,14 +55,15 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_delete_elem, bpf_probe_read_kernel,
-        bpf_skc_to_tcp_sock,
+        bpf_setsockopt, bpf_skc_to_tcp_sock,
     },
     macros::{map, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
     programs::{SkMsgContext, SockOpsContext},
 };
 use proxy_common::{
-    ZeroHopStats, ZeroHopTunnel, MAX_SOCKETS, ZH_APP_BLOCKING, ZH_APP_NONBLOCKING, ZH_CAPTURED,
+    ZeroHopStats, ZeroHopTunnel, MAX_SOCKETS, ZH_APP_BLOCKING, ZH_APP_LOWAT, ZH_APP_NONBLOCKING,
+    ZH_CAPTURED,
     ZH_LAST_REDIRECTED, ZH_MAX_CLIENTS, ZH_MAX_TUNNELS, ZH_PAIRED, ZH_RELAYING,
 };
 
@@ -98,6 +102,10 @@ static ZH_NETNS_COOKIE: u64 = 0;
 #[no_mangle]
 static ZH_LISTEN_PORT: u32 = 0;
 
+/// `TCP_NOTSENT_LOWAT` for captured app sockets (set by the loader; 0: not set).
+#[no_mangle]
+static ZH_APP_NOTSENT_LOWAT: u32 = 0;
+
 /// `offsetof(struct sock, sk_sndbuf)` on the running kernel (set by the loader from BTF;
 /// `struct sock` is at offset 0 of `struct tcp_sock`, `struct sock_common` of `sock`).
 #[no_mangle]
@@ -122,6 +130,10 @@ static SOCKET_FILE_OFFSET: u32 = 0;
 /// `offsetof(struct file, f_flags)`, set the same way.
 #[no_mangle]
 static FILE_FLAGS_OFFSET: u32 = 0;
+
+/// `IPPROTO_TCP` and `TCP_NOTSENT_LOWAT` (bpf_setsockopt's level and name).
+const IPPROTO_TCP: i32 = 6;
+const TCP_NOTSENT_LOWAT: i32 = 25;
 
 /// `O_NONBLOCK` in `file.f_flags`.
 const O_NONBLOCK: u32 = 0o4000;
@@ -234,6 +246,20 @@ fn capture_app(ctx: &SockOpsContext) {
     {
         stats.flags |= ZH_CAPTURED;
         stats.app_sk = sock_addr(ctx);
+        let mut lowat = global(&ZH_APP_NOTSENT_LOWAT);
+        if lowat != 0
+            && unsafe {
+                bpf_setsockopt(
+                    ctx.ops as *mut c_void,
+                    IPPROTO_TCP,
+                    TCP_NOTSENT_LOWAT,
+                    &mut lowat as *mut u32 as *mut c_void,
+                    4,
+                )
+            } == 0
+        {
+            stats.flags |= ZH_APP_LOWAT;
+        }
         // Be called for the app's outgoing packets until its first data shows whether
         // the socket is blocking (`check_app_blocking`).
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG as i32);

@@ -602,7 +602,7 @@ fn relay_future<'a>(
             return RelayEnd::Reset(e.kind());
         }
         // The leftovers are in the client socket: redirects may start.
-        if let Some(registration) = pair(zero_hop.registration, client, zero_hop.state) {
+        if let Some(registration) = pair(zero_hop.registration, client, upstream, zero_hop.state) {
             counters
                 .upstream_to_client
                 .enter_zero_hop(registration.port());
@@ -693,10 +693,11 @@ fn log_closed(
 fn pair<'a>(
     registration: &'a mut Option<zero_hop::Registration>,
     client: &TcpStream,
+    upstream: &TcpStream,
     state: &mut &'static str,
 ) -> Option<&'a zero_hop::Registration> {
     let r = registration.as_mut()?;
-    match r.pair(client) {
+    match r.pair(client, upstream) {
         Ok(()) => {
             *state = "paired";
             registration.as_ref()

@@ -18,8 +18,9 @@ use proxy_common::{
     ZeroHopStats, ZeroHopTunnel, COPIED_SEQ_OFFSET_GLOBAL, DIRECTIONS_MAP, EVENTS_MAP,
     FILE_FLAGS_OFFSET_GLOBAL, LEDGER_MAP, SK_SOCKET_OFFSET_GLOBAL, SNDBUF_OFFSET_GLOBAL,
     SOCKET_FILE_OFFSET_GLOBAL, SOCKS_MAP, STATE_OFFSET_GLOBAL, TARGETS_MAP, UNSPLICE_MAP,
-    WMEM_QUEUED_OFFSET_GLOBAL, WRITE_SEQ_OFFSET_GLOBAL, ZH_APPS_MAP, ZH_CLIENT_SOCKS_MAP,
-    ZH_LISTEN_PORT_GLOBAL, ZH_NETNS_COOKIE_GLOBAL, ZH_PEERS_MAP, ZH_STATS_MAP, ZH_TUNNELS_MAP,
+    WMEM_QUEUED_OFFSET_GLOBAL, WRITE_SEQ_OFFSET_GLOBAL, ZH_APPS_MAP, ZH_APP_NOTSENT_LOWAT_GLOBAL,
+    ZH_CLIENT_SOCKS_MAP, ZH_LISTEN_PORT_GLOBAL, ZH_NETNS_COOKIE_GLOBAL, ZH_PEERS_MAP, ZH_STATS_MAP,
+    ZH_TUNNELS_MAP,
 };
 
 use crate::tunnel::ebpf::{btf, sys, OBJECT};
@@ -58,6 +59,7 @@ impl Maps {
         let socket_file = offset("socket", "file")?;
         let file_flags = offset("file", "f_flags")?;
         let listen_port = listen_port as u32;
+        let app_lowat = super::APP_NOTSENT_LOWAT;
         let netns = sys::netns_cookie().context("reading this network namespace's cookie")?;
         let cgroup_dir = std::fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -72,6 +74,7 @@ impl Maps {
             .override_global(FILE_FLAGS_OFFSET_GLOBAL, &file_flags, true)
             .override_global(ZH_NETNS_COOKIE_GLOBAL, &netns, true)
             .override_global(ZH_LISTEN_PORT_GLOBAL, &listen_port, true)
+            .override_global(ZH_APP_NOTSENT_LOWAT_GLOBAL, &app_lowat, true)
             // The fast path's maps: unused by this instance (the ring at its minimum,
             // one page).
             .map_max_entries(SOCKS_MAP, 1)
