@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             // blocking (a blocking one is left on the plain relay).
             let _ = upstream.readable().await;
             let paired = match &mut reg {
-                Some(r) => r.pair(&client).map_err(|e| e.to_string()),
+                Some(r) => r.pair(&client, &upstream).map_err(|e| e.to_string()),
                 None => Err("plain".into()),
             };
             let result = tokio::try_join!(copy_one_way(&client, &upstream, &up), async {
