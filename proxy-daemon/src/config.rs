@@ -23,7 +23,7 @@ pub enum SpliceMode {
 /// client socket; docs/zero-hop.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ZeroHopMode {
-    /// Off: zero-hop did not beat direct as required (app-to-client 0.57-0.74x direct, echo p50 1.5-2x direct; docs/zero-hop.md), so `auto` keeps the relay chosen by --splice.
+    /// Off: zero-hop did not beat direct as required (app-to-client 0.85-1.11x direct at up to 1.25x its CPU, echo p50 1.29-1.47x direct; docs/zero-hop.md), so `auto` keeps the relay chosen by --splice.
     Auto,
     /// Zero-hop for every tunnel to an IPv4 app the kernel captures; exit at start-up if the programs cannot load or attach (needs cgroup v2 and CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON).
     On,
