@@ -5,7 +5,7 @@ use super::Scenario;
 use crate::bench::context::Ctx;
 use crate::bench::measure::{bulk_columns, bulk_transfer};
 use crate::bench::procs::Proc;
-use crate::bench::report::{Row, Table};
+use crate::bench::report::{Better, Column, Row, Table};
 use crate::bench::systems::System;
 
 pub struct Tunnel {
@@ -57,9 +57,11 @@ impl Scenario for Tunnel {
                 format!("Tunnel throughput one way, {} MiB upstream → client", self.down >> 20),
                 "Raw bytes after a WebSocket 101 (no framing), checked on receipt; the upstream's \
                  verdict closes the run. Median of the repeats. Whole-machine CPU counts the \
-                 kernel work a fast path moves out of the proxy process."
+                 kernel work a fast path moves out of the proxy process. Zero-hop share: of \
+                 the upstream→client bytes of these runs, those the app's own sends put into \
+                 the client socket (the daemon's closing lines); the rest took the normal hop."
                     .into(),
-                bulk_columns(),
+                tunnel_columns(),
                 Some(0),
             )
             } else {
@@ -68,8 +70,11 @@ impl Scenario for Tunnel {
                         "Tunnel throughput both ways at once, {} MiB each way",
                         self.down >> 20
                     ),
-                    "Gbit/s counts both directions. Median of the repeats.".into(),
-                    bulk_columns(),
+                    "Gbit/s counts both directions. Median of the repeats. Zero-hop share: of \
+                     the upstream→client bytes, those the app's own sends put into the client \
+                     socket."
+                        .into(),
+                    tunnel_columns(),
                     Some(0),
                 )
             };
@@ -98,6 +103,49 @@ impl Scenario for Tunnel {
 
     fn run(&self, ctx: &Ctx, sys: System, proxy: Option<&Proc>, _table: usize) -> Row {
         let (down, up) = (self.down.to_string(), self.up.to_string());
-        bulk_transfer(ctx, sys, proxy, self.repeats, &["tunnel", &down, &up])
+        let log_start = proxy
+            .and_then(|p| std::fs::metadata(&p.log).ok())
+            .map(|m| m.len());
+        match bulk_transfer(ctx, sys, proxy, self.repeats, &["tunnel", &down, &up]) {
+            Row::Values(mut v) => {
+                let share = match (sys, proxy, log_start) {
+                    (System::DaemonZeroHop, Some(p), Some(start)) => zero_hop_share(&p.log, start),
+                    _ => f64::NAN,
+                };
+                v.push(share);
+                Row::Values(v)
+            }
+            other => other,
+        }
     }
+}
+
+fn tunnel_columns() -> Vec<Column> {
+    let mut columns = bulk_columns();
+    columns.push(Column::new("zero-hop share %", Better::Higher));
+    columns
+}
+
+/// Percent of the upstream→client bytes that zero-hop moved, over the tunnels whose
+/// closing lines the daemon logged after byte `start` of its log (JSON lines).
+fn zero_hop_share(log: &std::path::Path, start: u64) -> f64 {
+    let Ok(text) = std::fs::read(log) else {
+        return f64::NAN;
+    };
+    let text = String::from_utf8_lossy(text.get(start as usize..).unwrap_or_default());
+    let (mut zero_hop, mut total) = (0u64, 0u64);
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["message"] != "tunnel closed" {
+            continue;
+        }
+        zero_hop += v["zero_hop_bytes"].as_u64().unwrap_or(0);
+        total += v["upstream_to_client"].as_u64().unwrap_or(0);
+    }
+    if total == 0 {
+        return f64::NAN;
+    }
+    100.0 * zero_hop as f64 / total as f64
 }
