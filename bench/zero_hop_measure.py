@@ -42,6 +42,10 @@ SYSTEMS = {
 }
 # A/B against another build: ZHM_OLD_DAEMON=/path/to/project-ingress-proxy adds it as
 # "daemon zero-hop (old)".
+# ZHM_COPY_UP=1: also zero-hop with the client→app direction on the userspace copy relay
+# instead of the kernel's verdict (is the backlog worker what echo pays for?).
+if os.environ.get("ZHM_COPY_UP"):
+    SYSTEMS["daemon zero-hop copy-up"] = (8105, ["--splice", "off", "--zero-hop", "on"])
 if os.environ.get("ZHM_OLD_DAEMON"):
     SYSTEMS["daemon zero-hop (old)"] = (8104, ["--splice", "ebpf", "--zero-hop", "on"])
 SCENARIOS = {
